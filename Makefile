@@ -1,0 +1,64 @@
+# One entry point for set-up, build, tests and benchmarks. Every target creates or reuses
+# the virtual environment in $(VENV), installs the pinned dependencies and builds the
+# compiled operators first, so each works on a fresh clone.
+#
+#   make main        the main job (for now: the operator benchmark)
+#   make test        lint, CUDA compile-and-link check, then the whole test suite
+#   make bench       tools/benchmark_ops.py
+#   make lint        ruff check + ruff format --check
+#   make format      ruff format + ruff check --fix
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+CUDA_CHECK_DIR := build/cuda-check
+export MAX_JOBS ?= 2
+
+.PHONY: main bench test pytest lint format install cuda-check clean
+
+main: bench
+
+# Pinned dependencies, re-installed when the lock or the project metadata changes.
+$(VENV)/.deps: constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt setuptools wheel ninja torch torchvision
+	$(PIP) install -c constraints.txt --no-build-isolation -e ".[dev]"
+	touch $@
+
+# The extension, built in place (incrementally, with ninja) against the installed torch.
+install: $(VENV)/.deps
+	$(PY) setup.py --quiet build_ext --inplace
+
+# Proves that the CUDA kernels compile and link, also on a machine without a GPU. The
+# result goes to its own folder and leaves the in-place build alone.
+cuda-check: $(VENV)/.deps
+	@test -x "$(CUDA_HOME)/bin/nvcc" || { echo "nvcc not found under CUDA_HOME=$(CUDA_HOME):" \
+	  "set CUDA_HOME, or SKIP_CUDA_CHECK=1 to skip the CUDA build check"; \
+	  test "$(SKIP_CUDA_CHECK)" = 1; }
+	test ! -x "$(CUDA_HOME)/bin/nvcc" || FORCE_CUDA=1 CUDA_HOME="$(CUDA_HOME)" \
+	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
+	  CPATH="$$($(PY) tools/cuda_include_path.py)$${CPATH:+:$$CPATH}" \
+	  $(PY) setup.py --quiet build_ext --build-lib $(CUDA_CHECK_DIR) \
+	  --build-temp $(CUDA_CHECK_DIR)/temp
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.deps
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+pytest: install
+	DETFRAME_CUDA_BUILD="$(CUDA_CHECK_DIR)" $(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint install cuda-check pytest
+
+bench: install
+	$(PY) tools/benchmark_ops.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build detframe/_C*.so
