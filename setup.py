@@ -50,7 +50,10 @@ def _extension():
     )
 
 
+# The Makefile installs the package with DETFRAME_BUILD_EXT=0 and then compiles the
+# extension in place (`setup.py build_ext --inplace`), whose ninja build folder persists, so
+# that an edit in csrc/ rebuilds only what changed and a fresh clone compiles only once.
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[_extension()] if os.environ.get("DETFRAME_BUILD_EXT", "1") != "0" else [],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
 )

@@ -1,8 +1,9 @@
 #pragma once
-// Conversions between channels-first (N, C, H, W) and channels-last (N, H, W, C) memory for
-// the CPU kernels, which work on channels-last data. Each image is a [rows, cols] matrix
+// Channels-last (N, H, W, C) to channels-first (N, C, H, W) conversion for the CPU backward
+// kernels, which accumulate gradients channels-last. Each image is a [rows, cols] matrix
 // transposed in square tiles, so that reads and writes both stay within cache lines; tiles
-// are spread over threads. (A strided copy through ATen is 3 to 5 times slower here.)
+// are spread over threads. On the benchmark workload this is somewhat faster than ATen's
+// strided copy, and it converts float accumulators to the gradient's dtype in the same pass.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -89,7 +89,8 @@ void forward_impl(
       scalar_t* out_k = out + k * channels * bins;
       RoIAlignGeometry<T> g;
       const int64_t b = roi_batch_index(static_cast<T>(roi[0]), batch);
-      if (b < 0 || !roi_align_geometry(roi, scale, pooled_h, pooled_w, sampling_ratio, aligned, g)) {
+      if (b < 0 ||
+          !roi_align_geometry(roi, scale, pooled_h, pooled_w, sampling_ratio, aligned, g)) {
         std::fill(out_k, out_k + channels * bins, scalar_t(0));
         continue;
       }
@@ -186,9 +187,11 @@ at::Tensor roi_align_forward_cpu(
           output.zero_();
           return;
         }
+        // The input's data in channels-last order (free when it already is channels-last).
+        const auto input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
         forward_impl<scalar_t>(
-            input, input.contiguous(at::MemoryFormat::ChannelsLast), rois_c, output, spatial_scale, pooled_h,
-            pooled_w, sampling_ratio, aligned);
+            input, input_nhwc, rois_c, output, spatial_scale, pooled_h, pooled_w,
+            sampling_ratio, aligned);
       });
   return output;
 }

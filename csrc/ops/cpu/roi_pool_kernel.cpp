@@ -27,7 +27,6 @@
 
 #include "../checks.h"
 #include "../roi_geometry.h"
-#include "layout.h"
 #include "rois_by_image.h"
 #include "vector_loops.h"
 
@@ -157,9 +156,10 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu(
       at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cpu", [&] {
         check_batch_indices_cpu(
             "roi_pool", rois_c.const_data_ptr<scalar_t>(), rois.size(0), input.size(0));
+        // The input's data in channels-last order (free when it already is channels-last).
+        const auto input_nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
         forward_impl<scalar_t>(
-            input, input.contiguous(at::MemoryFormat::ChannelsLast), rois_c, output, argmax, spatial_scale,
-            pooled_h, pooled_w);
+            input, input_nhwc, rois_c, output, argmax, spatial_scale, pooled_h, pooled_w);
       });
   return {output, argmax};
 }

@@ -66,7 +66,8 @@ class ChannelTasks {
   ChannelTasks(int64_t batch_size, int64_t channels) : batch_(batch_size), channels_(channels) {
     constexpr int64_t kAlign = 16;
     const int64_t threads = at::get_num_threads();
-    const int64_t splits = std::max<int64_t>(1, (threads + batch_size - 1) / std::max<int64_t>(batch_size, 1));
+    const int64_t images = std::max<int64_t>(batch_size, 1);
+    const int64_t splits = std::max<int64_t>(1, (threads + images - 1) / images);
     chunk_ = (channels + splits - 1) / splits;
     chunk_ = std::max<int64_t>(1, std::min(channels, (chunk_ + kAlign - 1) / kAlign * kAlign));
     per_image_ = (channels + chunk_ - 1) / chunk_;

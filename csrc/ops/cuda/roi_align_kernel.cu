@@ -20,7 +20,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ceil_div.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/KernelUtils.h>
 #include <ATen/native/cuda/KernelUtils.cuh>
@@ -31,16 +30,17 @@
 
 #include "../checks.h"
 #include "../roi_geometry.h"
+#include "launch.cuh"
 
 namespace detframe::ops {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int64_t kMaxBlocks = 4096;
-
-int64_t num_blocks(int64_t n) {
-  return std::min(at::ceil_div(n, int64_t{kThreads}), kMaxBlocks);
-}
+using cuda::BinIndex;
+using cuda::bin_index;
+using cuda::kThreads;
+using cuda::num_blocks;
+using cuda::Strides;
+using cuda::strides_of;
 
 // Sizes and settings shared by the forward and backward kernels.
 template <typename T>
@@ -72,39 +72,6 @@ AlignParams<T> align_params(
       aligned};
 }
 
-// Element strides of a [K, C, PH, PW] tensor.
-struct Strides {
-  int64_t k, c, h, w;
-};
-
-Strides strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-// Position of an element of a [K, C, PH, PW] tensor.
-struct BinIndex {
-  int64_t k, c, ph, pw;
-
-  __device__ int64_t offset(const Strides& s) const {
-    return k * s.k + c * s.c + ph * s.h + pw * s.w;
-  }
-};
-
-// The position of flat index `index` in row-major [K, C, PH, PW] order.
-__device__ inline BinIndex bin_index(
-    int64_t index,
-    int64_t channels,
-    int64_t pooled_h,
-    int64_t pooled_w) {
-  BinIndex i;
-  i.pw = index % pooled_w;
-  index /= pooled_w;
-  i.ph = index % pooled_h;
-  index /= pooled_h;
-  i.c = index % channels;
-  i.k = index / channels;
-  return i;
-}
 
 // The batch index of RoI k with its geometry in `g`, or -1 when the RoI is invalid.
 template <typename scalar_t, typename T>
