@@ -1,0 +1,218 @@
+"""Loading, validating and saving configs.
+
+`load_config(path, overrides)` builds the effective config in this order:
+
+1. read `path` and, recursively, the file named by its `_BASE_` (relative to the file that
+   names it); a base is applied first and the file that names it wins, so the layers are
+   defaults < deepest base < ... < `path` < command-line `KEY=VALUE` overrides. Mappings
+   merge key by key; any other value (a list included) replaces the earlier one;
+2. import the modules listed in the effective `IMPORTS` (so they can register components
+   and declare keys);
+3. validate every layer against `SCHEMA`: an unknown key, a wrong type, a value outside the
+   declared choices or a required key left unset is a `ConfigError` naming the file (or
+   "command line"), the key and, for unknown keys, the closest declared key;
+4. return an OmegaConf `DictConfig` with every declared key, read-only and in struct mode.
+
+YAML is read with PyYAML's safe loader plus two fixes: `1e-3` is a float (not a string)
+and a key given twice in one mapping is an error (not silently dropped). OmegaConf
+interpolations (`${...}`) are not supported: a config says its values literally.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from .schema import REQUIRED, SCHEMA, ConfigError
+
+__all__ = ["format_config", "load_config", "save_config"]
+
+COMMAND_LINE = "command line"
+Layer = tuple[str, dict[str, Any]]  # (source: a file path or COMMAND_LINE, dotted key -> value)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe loader that reads 1e-3 as a float and rejects a key repeated in a mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 wants a dot in every float (so 1e-3 would be a string); this matches YAML 1.2.
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+
+
+def _flatten(tree: dict[Any, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """{"MODEL": {"DEVICE": "cpu"}} -> {"MODEL.DEVICE": "cpu"}; leaves are declared keys."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"{source}: key {key!r} under {where} is not a name")
+        name = prefix + key
+        if isinstance(value, dict) and name not in SCHEMA:
+            flat.update(_flatten(value, source, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _read_chain(path: Path, named_by: str | None, stack: tuple[Path, ...] = ()) -> list[Layer]:
+    """The layers of `path` and its `_BASE_` chain, deepest base first."""
+    source = os.path.normpath(path)
+    real = path.resolve()
+    if real in stack:
+        chain = " -> ".join(str(p) for p in (*stack, real))
+        raise ConfigError(f"{source}: _BASE_ cycle: {chain}")
+    if not path.is_file():
+        raise ConfigError(
+            f"config file not found: {source}"
+            + (f" (the _BASE_ of {named_by})" if named_by else "")
+        )
+    tree = _parse_yaml(path.read_text(encoding="utf-8"), source)
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, got {type(tree).__name__}")
+    layers: list[Layer] = []
+    base = tree.pop("_BASE_", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{source}: _BASE_ must be a file path, got {base!r}")
+        layers = _read_chain(path.parent / base, source, (*stack, real))
+    layers.append((source, _flatten(tree, source)))
+    return layers
+
+
+def _parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """["SOLVER.BASE_LR=0.01", ...] -> {"SOLVER.BASE_LR": 0.01, ...}; values are YAML."""
+    flat: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{COMMAND_LINE}: {item!r} is not KEY=VALUE")
+        value = _parse_yaml(text, f"{COMMAND_LINE}: {key}")
+        flat.update(_flatten({key: value}, COMMAND_LINE))
+    return flat
+
+
+def _import_modules(layers: Sequence[Layer]) -> None:
+    """Imports the modules of the effective IMPORTS (the last layer that sets it wins)."""
+    setting = [(source, flat["IMPORTS"]) for source, flat in layers if "IMPORTS" in flat]
+    if not setting:
+        return
+    source, modules = setting[-1]
+    for module in _check(source, "IMPORTS", modules):
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            raise ConfigError(
+                f"{source}: IMPORTS: cannot import module {module!r}: {type(e).__name__}: {e}"
+            ) from e
+
+
+def _check(source: str, name: str, value: Any) -> Any:
+    """`value` validated against the declaration of `name`; raises ConfigError."""
+    if name not in SCHEMA:
+        if SCHEMA.is_section(name):
+            raise ConfigError(f"{source}: {name} is a section: give it a mapping of keys")
+        message = f"{source}: unknown key {name}"
+        close = SCHEMA.closest(name)
+        raise ConfigError(message + (f"; did you mean {close}?" if close else ""))
+    strings = value if isinstance(value, list) else [value]
+    if any(isinstance(s, str) and "${" in s for s in strings):
+        raise ConfigError(f"{source}: {name}: interpolation (${{...}}) is not supported")
+    try:
+        return SCHEMA[name].check(value)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {name}: {e}") from None
+
+
+def _nest(values: dict[str, Any]) -> dict[str, Any]:
+    """{"MODEL.DEVICE": "cpu"} -> {"MODEL": {"DEVICE": "cpu"}}."""
+    tree: dict[str, Any] = {}
+    for name, value in values.items():
+        *sections, leaf = name.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return tree
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> DictConfig:
+    """The effective config of `path` (with its `_BASE_` chain) and `KEY=VALUE` overrides.
+
+    Args:
+        path: a YAML config file.
+        overrides: command-line items such as "SOLVER.BASE_LR=0.01" or "DATASETS.TRAIN=[a,b]";
+            the value is parsed as YAML (null, true, 3, 1e-3, [1, 2], text).
+
+    Returns:
+        Every declared key with its effective value; read-only, and in struct mode (reading
+        an undeclared key raises).
+
+    Raises:
+        ConfigError: a missing or malformed file, a `_BASE_` cycle, a failed import, an
+            unknown key, a wrong type or a required key left unset.
+    """
+    layers = _read_chain(Path(path), named_by=None)
+    layers.append((COMMAND_LINE, _parse_overrides(overrides)))
+    _import_modules(layers)
+    values = {key.name: key.default for key in SCHEMA}
+    for source, flat in layers:
+        for name, value in flat.items():
+            values[name] = _check(source, name, value)
+    missing = [name for name, value in values.items() if value is REQUIRED]
+    if missing:
+        raise ConfigError(
+            f"{layers[-2][0]}: required key not set: {', '.join(missing)} "
+            "(set it in the file or as KEY=VALUE on the command line)"
+        )
+    cfg = OmegaConf.create(_nest(values))
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def format_config(cfg: DictConfig) -> str:
+    """The config as YAML text, in declaration order."""
+    return OmegaConf.to_yaml(cfg)
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike[str]) -> None:
+    """Writes `cfg` as YAML that `load_config` reads back to an equal config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(format_config(cfg), encoding="utf-8")

@@ -1,0 +1,329 @@
+"""detframe.config: declarations, _BASE_ chains, overrides, errors, saving, IMPORTS, docs.
+
+Fixture files live in tests/fixtures/configs/ (the 3-level chain spans base/, family/ and
+family/exp/); one-off files are written to tmp_path. Tests that declare keys or import the
+user plugin run on a copy of the schema and of BACKBONE_REGISTRY (the `isolated` fixture).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
+
+from detframe.config import (
+    REQUIRED,
+    SCHEMA,
+    ConfigError,
+    declare,
+    format_config,
+    load_config,
+    save_config,
+)
+from detframe.registry import BACKBONE_REGISTRY, UnknownNameError, build
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+CONFIGS = FIXTURES / "configs"
+EXPERIMENT = CONFIGS / "family" / "exp" / "experiment.yaml"
+
+
+@pytest.fixture
+def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Declarations and registrations made in the test are undone afterwards."""
+    monkeypatch.setattr(SCHEMA, "_keys", dict(SCHEMA._keys))
+    monkeypatch.setattr(BACKBONE_REGISTRY, "_obj_map", dict(BACKBONE_REGISTRY._obj_map))
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    sys.modules.pop("user_plugin", None)
+    yield
+    sys.modules.pop("user_plugin", None)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path | str, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# --- loading and merging ---------------------------------------------------------------
+
+
+def test_empty_file_gives_every_default_read_only(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""))
+    for key in SCHEMA:
+        assert OmegaConf.select(cfg, key.name) == key.default
+    assert cfg.INPUT.FORMAT == "BGR" and cfg.SEED is None
+    with pytest.raises(ConfigAttributeError):
+        _ = cfg.MODEL.NO_SUCH_KEY
+    with pytest.raises(Exception, match="read-only"):
+        cfg.SEED = 3
+
+
+def test_base_chain_three_levels_later_files_win() -> None:
+    cfg = load_config(EXPERIMENT)
+    assert cfg.MODEL.DEVICE == "cpu"  # root only
+    assert cfg.DATASETS.TRAIN == ["shapes_train"]  # root only
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20  # family only
+    assert cfg.SOLVER.BASE_LR == 0.005  # root, then family
+    assert cfg.SOLVER.MAX_ITER == 200  # root, then experiment
+    assert cfg.INPUT.MIN_SIZE_TRAIN == [800]  # a list is replaced, not merged
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.28, 103.53]
+    assert cfg.OUTPUT_DIR == "out/experiment"
+    assert cfg.SOLVER.IMS_PER_BATCH == 16  # default: set by no file
+
+
+def test_base_paths_are_relative_to_the_file_not_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(CONFIGS / "base")
+    from_base = load_config("../family/exp/experiment.yaml")
+    monkeypatch.chdir(ROOT)
+    from_root = load_config("tests/fixtures/configs/family/exp/experiment.yaml")
+    assert from_base == from_root == load_config(EXPERIMENT)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("SOLVER.MAX_ITER=5", "SOLVER.MAX_ITER", 5),
+        ("SOLVER.BASE_LR=0.1", "SOLVER.BASE_LR", 0.1),
+        ("SOLVER.BASE_LR=1e-3", "SOLVER.BASE_LR", 0.001),
+        ("SOLVER.BASE_LR=1", "SOLVER.BASE_LR", 1.0),
+        ("TEST.FLAG=true", "TEST.FLAG", True),
+        ("TEST.FLAG=false", "TEST.FLAG", False),
+        ("MODEL.DEVICE=cuda:1", "MODEL.DEVICE", "cuda:1"),
+        ("MODEL.WEIGHTS='123'", "MODEL.WEIGHTS", "123"),
+        ("INPUT.MIN_SIZE_TRAIN=[1,2]", "INPUT.MIN_SIZE_TRAIN", [1, 2]),
+        ("INPUT.MIN_SIZE_TRAIN=[]", "INPUT.MIN_SIZE_TRAIN", []),
+        ("MODEL.PIXEL_STD=[1, 2.5, 3]", "MODEL.PIXEL_STD", [1.0, 2.5, 3.0]),
+        ("DATASETS.TEST=[a, b]", "DATASETS.TEST", ["a", "b"]),
+        ("SEED=null", "SEED", None),
+        ("SEED=7", "SEED", 7),
+        ("INPUT={FORMAT: BGR, MAX_SIZE_TEST: 3}", "INPUT.MAX_SIZE_TEST", 3),
+    ],
+)
+def test_override_of_every_type(isolated: None, override: str, key: str, expected: Any) -> None:
+    declare("TEST.FLAG", bool, True, "a bool key for this test")
+    cfg = load_config(EXPERIMENT, [override])
+    value = OmegaConf.select(cfg, key)
+    value = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+    assert value == expected
+    assert type(value) is type(expected)
+    if isinstance(value, list):
+        assert [type(v) for v in value] == [type(v) for v in expected]
+
+
+def test_overrides_win_over_files_and_each_other() -> None:
+    cfg = load_config(EXPERIMENT, ["SOLVER.MAX_ITER=3", "SEED=1", "SOLVER.MAX_ITER=4"])
+    assert cfg.SOLVER.MAX_ITER == 4 and cfg.SEED == 1
+    assert cfg.SOLVER.BASE_LR == 0.005  # untouched
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_typo_in_file_names_file_key_and_closest_key() -> None:
+    message = error_of(CONFIGS / "typo.yaml")
+    assert str(CONFIGS / "typo.yaml") in message
+    assert "unknown key MODEL.ROI_HEADS.NUM_CLASS; did you mean MODEL.ROI_HEADS.NUM_CLASSES?" in (
+        message
+    )
+
+
+def test_typo_in_override_names_command_line_and_closest_key() -> None:
+    message = error_of(EXPERIMENT, ("SOLVER.BASE_LRR=0.1",))
+    assert message == "command line: unknown key SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR?"
+
+
+def test_unknown_key_far_from_all_has_no_suggestion(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, "XYZZY: 1\n"))
+    assert message.endswith("unknown key XYZZY")
+
+
+def test_a_section_given_a_value_is_an_error(tmp_path: Path) -> None:
+    assert "MODEL is a section" in error_of(write(tmp_path, "MODEL: 3\n"))
+
+
+def test_wrong_type_in_file() -> None:
+    message = error_of(CONFIGS / "wrong_type.yaml")
+    path = CONFIGS / "wrong_type.yaml"
+    assert message == f"{path}: SOLVER.MAX_ITER: expected int, got str 'many'"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("SOLVER.MAX_ITER=1.5", "SOLVER.MAX_ITER: expected int, got float 1.5"),
+        ("SOLVER.MAX_ITER=true", "SOLVER.MAX_ITER: expected int, got bool True"),
+        ("MODEL.DEVICE=123", "MODEL.DEVICE: expected str, got int 123"),
+        ("MODEL.DEVICE=null", "MODEL.DEVICE: expected str, got null"),
+        ("INPUT.MIN_SIZE_TRAIN=800", "expected list[int], got int 800"),
+        ("INPUT.MIN_SIZE_TRAIN=[800, x]", "expected list[int]: element expected int, got str"),
+        (
+            "INPUT.FORMAT=RGBA",
+            "INPUT.FORMAT: 'RGBA' is not one of the allowed values: 'RGB', 'BGR'",
+        ),
+    ],
+)
+def test_wrong_type_or_choice_in_override(override: str, expected: str) -> None:
+    message = error_of(EXPERIMENT, (override,))
+    assert message.startswith("command line: ")
+    assert expected in message
+
+
+def test_missing_required_value_names_the_key(isolated: None, tmp_path: Path) -> None:
+    declare("MODEL.TEST.ANCHORS", list[int], REQUIRED, "a required key for this test")
+    path = write(tmp_path, "SEED: 1\n")
+    assert error_of(path) == (
+        f"{path}: required key not set: MODEL.TEST.ANCHORS "
+        "(set it in the file or as KEY=VALUE on the command line)"
+    )
+    assert load_config(path, ["MODEL.TEST.ANCHORS=[32, 64]"]).MODEL.TEST.ANCHORS == [32, 64]
+
+
+def test_base_cycle_is_an_error() -> None:
+    message = error_of(CONFIGS / "cycle_a.yaml")
+    assert "_BASE_ cycle" in message
+    assert re.search(r"cycle_a\.yaml -> .*cycle_b\.yaml -> .*cycle_a\.yaml$", message)
+
+
+def test_file_that_is_its_own_base_is_a_cycle(tmp_path: Path) -> None:
+    assert "_BASE_ cycle" in error_of(write(tmp_path, "_BASE_: config.yaml\n"))
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    assert error_of(tmp_path / "nope.yaml") == f"config file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_missing_base_names_the_path_and_the_file_naming_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "_BASE_: base/nope.yaml\n")
+    message = error_of(path)
+    assert message == f"config file not found: {tmp_path / 'base/nope.yaml'} (the _BASE_ of {path})"
+
+
+def test_yaml_syntax_error_names_file_and_line() -> None:
+    message = error_of(CONFIGS / "bad_syntax.yaml")
+    assert message.startswith(f"{CONFIGS / 'bad_syntax.yaml'}, line 4, column")
+    assert "invalid YAML" in message
+
+
+def test_key_given_twice_in_a_file_is_an_error(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, "SOLVER:\n  MAX_ITER: 1\n  MAX_ITER: 2\n"))
+    assert "line 3" in message and "'MAX_ITER' is given twice" in message
+
+
+@pytest.mark.parametrize("override", ["SOLVER.MAX_ITER", "=3"])
+def test_override_without_key_and_value_is_an_error(override: str) -> None:
+    assert error_of(EXPERIMENT, (override,)).endswith("is not KEY=VALUE")
+
+
+def test_interpolation_is_rejected(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, "OUTPUT_DIR: ${MODEL.DEVICE}/out\n"))
+    assert "OUTPUT_DIR: interpolation" in message
+
+
+# --- saving ------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    overrides = ["SOLVER.BASE_LR=1e-4", "MODEL.WEIGHTS='007'", "SEED=null", "DATASETS.TEST=[x]"]
+    cfg = load_config(EXPERIMENT, overrides)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert again.MODEL.WEIGHTS == "007" and again.SOLVER.BASE_LR == 1e-4
+    assert format_config(again) == format_config(cfg)
+    assert "MAX_ITER: 200" in format_config(cfg)
+
+
+# --- IMPORTS and user modules ----------------------------------------------------------
+
+
+def test_user_module_imported_through_imports(isolated: None) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key MODEL\.USER_BACKBONE\.NAME"):
+        load_config(CONFIGS / "plugin.yaml", ["IMPORTS=[]"])
+    cfg = load_config(CONFIGS / "plugin.yaml")
+    assert cfg.IMPORTS == ["user_plugin"]
+    assert cfg.MODEL.USER_BACKBONE.DEPTH == 18
+    backbone = build(BACKBONE_REGISTRY, cfg.MODEL.USER_BACKBONE.NAME, cfg)
+    assert type(backbone).__module__ == "user_plugin"
+    assert len(backbone.body) == 18
+    assert type(backbone) is BACKBONE_REGISTRY.get("UserBackbone")
+
+
+def test_user_module_key_is_validated(isolated: None) -> None:
+    message = error_of(CONFIGS / "plugin.yaml", ("MODEL.USER_BACKBONE.DEPTH=deep",))
+    assert message == "command line: MODEL.USER_BACKBONE.DEPTH: expected int, got str 'deep'"
+    message = error_of(CONFIGS / "plugin.yaml", ("MODEL.USER_BACKBONE.DEPT=3",))
+    assert message.endswith("did you mean MODEL.USER_BACKBONE.DEPTH?")
+
+
+def test_user_backbone_not_registered_without_import(isolated: None) -> None:
+    with pytest.raises(UnknownNameError, match="No BACKBONE named 'UserBackbone'"):
+        BACKBONE_REGISTRY.get("UserBackbone")
+
+
+def test_import_failure_names_module_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "IMPORTS: [detframe_no_such_module]\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}: IMPORTS: cannot import module 'detframe_no_such_module'")
+    assert "ModuleNotFoundError" in message
+
+
+# --- declarations ------------------------------------------------------------------------
+
+
+def test_identical_redeclaration_is_allowed_a_different_one_is_not(isolated: None) -> None:
+    declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 80, "number of foreground classes")
+    with pytest.raises(ValueError, match="already declared differently"):
+        declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 81, "number of foreground classes")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (("TEST.X", int, "a", "help"), {}, "default 'a' is invalid"),
+        (("TEST.X", str, "C", "help"), {"choices": ("A", "B")}, "default 'C' is invalid"),
+        (("TEST.X", dict, {}, "help"), {}, "unsupported type"),
+        (("test.x", int, 1, "help"), {}, "dotted UPPER_CASE"),
+        (("TEST.X", int, 1, ""), {}, "one non-empty line"),
+        (("MODEL.DEVICE.X", int, 1, "help"), {}, "clashes with MODEL.DEVICE"),
+        (("MODEL", int, 1, "help"), {}, "clashes with MODEL."),
+    ],
+)
+def test_malformed_declarations(isolated: None, args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        declare(*args, **kwargs)
+    assert "TEST.X" not in SCHEMA
+
+
+# --- the schema table in the docs --------------------------------------------------------
+
+
+def test_docs_schema_table_is_what_the_code_prints() -> None:
+    printed = subprocess.run(
+        [sys.executable, "-m", "detframe.config", "--print-schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    doc = (ROOT / "docs" / "configs.md").read_text()
+    match = re.search(r"<!-- schema:begin[^>]*-->\n(.*?)<!-- schema:end -->", doc, re.S)
+    assert match, "docs/configs.md lacks the <!-- schema:begin --> ... <!-- schema:end --> markers"
+    assert match.group(1) == printed, "regenerate: python -m detframe.config --print-schema"
+    assert "`MODEL.ROI_HEADS.NUM_CLASSES` | `int` | `80` |" in printed
