@@ -1,0 +1,207 @@
+"""The dataset catalog: dataset name -> a loader of dataset dicts, plus metadata.
+
+`DATASETS` is the default catalog; its names are the ones `DATASETS.TRAIN` / `DATASETS.TEST`
+in the config choose. It keeps its entries in `detframe.registry.DATASET_REGISTRY`, so an
+unknown name raises `UnknownNameError` (a `KeyError`) listing the registered names and the
+closest one, and registering a name twice raises ValueError.
+
+    DATASETS.get(name)       list[dict]: loads the dataset now (see detframe/data/coco.py
+                             for the dicts); every call loads again, nothing is cached
+    DATASETS.metadata(name)  dict: thing_classes (names in contiguous-id order),
+                             dataset_id_to_contiguous_id, contiguous_id_to_dataset_id,
+                             json_file, image_root, evaluator_type ("coco"), and
+                             proposals_file when the dataset has one
+
+Registering is cheap: nothing is read or generated until a dataset is loaded. The synthetic
+splits "shapes_train" and "shapes_val" are registered here; loading one generates it (once,
+cached) under `default_shapes_root()/<name>`, resolved at load time. Your own COCO data:
+`register_coco(name, json_file, image_root)` from a module listed under `IMPORTS`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detframe.registry import DATASET_REGISTRY, Registry
+
+from .coco import OnBad, coco_metadata, load_coco_json
+from .shapes import default_shapes_root, generate_shapes, shapes_split
+
+__all__ = [
+    "DATASETS",
+    "DatasetCatalog",
+    "DatasetEntry",
+    "register_coco",
+    "register_from_config_entry",
+    "register_shapes",
+]
+
+_EVALUATOR_TYPE = "coco"
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered dataset.
+
+    Attributes:
+        name: the registered name.
+        loader: returns the dataset dicts; called on every `DatasetCatalog.get`.
+        metadata: returns the metadata dict; called on every `DatasetCatalog.metadata`.
+        source: what the dataset was registered from (e.g. json_file and image_root), so
+            that registering the same source again can be recognised.
+    """
+
+    name: str
+    loader: Callable[[], list[dict[str, Any]]]
+    metadata: Callable[[], dict[str, Any]]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def __name__(self) -> str:  # the name a Registry files the entry under
+        return self.name
+
+
+class DatasetCatalog:
+    """Maps dataset names to loaders and metadata.
+
+    Args:
+        registry: where the entries are kept; a fresh, private Registry if None.
+    """
+
+    def __init__(self, registry: Registry | None = None) -> None:
+        self._registry = Registry("DATASET") if registry is None else registry
+
+    def register(
+        self,
+        name: str,
+        loader: Callable[[], list[dict[str, Any]]],
+        metadata: Callable[[], dict[str, Any]] | None = None,
+        source: dict[str, Any] | None = None,
+    ) -> None:
+        """Registers `loader` (and a `metadata` function) as `name`.
+
+        Raises:
+            ValueError: `name` is already registered.
+        """
+        if name in self._registry:
+            raise ValueError(
+                f"dataset {name!r} is already registered (from {self.entry(name).source}); "
+                "pick another name"
+            )
+        self._registry.register(DatasetEntry(name, loader, metadata or dict, dict(source or {})))
+
+    def entry(self, name: str) -> DatasetEntry:
+        """The entry registered as `name`; UnknownNameError (a KeyError) if there is none."""
+        return self._registry.get(name)
+
+    def get(self, name: str) -> list[dict[str, Any]]:
+        """Loads the dataset `name` and returns its dataset dicts."""
+        return self.entry(name).loader()
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """The metadata of the dataset `name` (see the module docstring)."""
+        return self.entry(name).metadata()
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return self._registry.names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._registry
+
+
+DATASETS = DatasetCatalog(DATASET_REGISTRY)
+"""The default catalog, backed by DATASET_REGISTRY."""
+
+
+def register_coco(
+    name: str,
+    json_file: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    proposals_file: str | os.PathLike[str] | None = None,
+    on_bad: OnBad = "error",
+    catalog: DatasetCatalog = DATASETS,
+) -> None:
+    """Registers a COCO annotation file and its image folder as `name`.
+
+    Nothing is read now. Loading calls `load_coco_json` (images without annotations kept,
+    bad data handled per `on_bad`); the metadata reads the file's categories.
+
+    Raises:
+        ValueError: `name` is already registered.
+    """
+    source = {
+        "json_file": str(json_file),
+        "image_root": str(image_root),
+        "proposals_file": None if proposals_file is None else str(proposals_file),
+    }
+
+    def load() -> list[dict[str, Any]]:
+        return load_coco_json(
+            json_file, image_root, name, proposals_file=proposals_file, on_bad=on_bad
+        )
+
+    @functools.cache
+    def metadata() -> dict[str, Any]:
+        return {**coco_metadata(json_file), **source, "evaluator_type": _EVALUATOR_TYPE}
+
+    catalog.register(name, load, lambda: dict(metadata()), source)
+
+
+def register_from_config_entry(
+    name: str, json_file: str | os.PathLike[str], image_root: str | os.PathLike[str]
+) -> None:
+    """Registers a COCO dataset in `DATASETS` from a module listed under the config's
+    `IMPORTS`. Registering the same name with the same files again does nothing, so the
+    module may be imported more than once; the same name with other files raises
+    ValueError."""
+    if name in DATASETS:
+        source = DATASETS.entry(name).source
+        if source.get("json_file") == str(json_file) and source.get("image_root") == str(
+            image_root
+        ):
+            return
+    register_coco(name, json_file, image_root, catalog=DATASETS)
+
+
+def register_shapes(
+    name: str,
+    num_images: int | None = None,
+    image_size: int | tuple[int, int] = 128,
+    root: str | os.PathLike[str] | None = None,
+    catalog: DatasetCatalog = DATASETS,
+) -> None:
+    """Registers the synthetic split `name` ("shapes_train" or "shapes_val", see
+    `shapes_split`; `num_images` and `image_size` override its size). Loading it generates
+    the split into `root` (default: `default_shapes_root()/name`, resolved at load time) if
+    it is not there yet."""
+    config = shapes_split(name, num_images, image_size)  # validates now, generates later
+
+    def folder() -> Path:
+        return Path(root) if root is not None else default_shapes_root() / name
+
+    def load() -> list[dict[str, Any]]:
+        json_file = generate_shapes(folder(), config)
+        return load_coco_json(json_file, json_file.parent / "images", name)
+
+    def metadata() -> dict[str, Any]:
+        ids = range(1, len(config.classes) + 1)
+        return {
+            "thing_classes": list(config.classes),
+            "dataset_id_to_contiguous_id": {i: i - 1 for i in ids},
+            "contiguous_id_to_dataset_id": {i - 1: i for i in ids},
+            "json_file": str(folder() / "annotations.json"),
+            "image_root": str(folder() / "images"),
+            "evaluator_type": _EVALUATOR_TYPE,
+        }
+
+    catalog.register(name, load, metadata, {"shapes_config": config.to_json()})
+
+
+register_shapes("shapes_train")
+register_shapes("shapes_val")
