@@ -1,0 +1,187 @@
+"""Class-agnostic average recall (AR) of box and segment proposals on COCO ground truth.
+
+Shapes: P proposals and G non-crowd ground-truth instances of one image of size (H, W).
+
+    inputs[i]                    {"image_id": int, ...}
+    outputs[i].proposal_boxes    Boxes[P]  XYXY, in original image coordinates (pixels)
+    outputs[i].objectness_logits Tensor[P]  proposals are ranked by it, highest first
+    outputs[i].proposal_masks    BitMasks[P] or bool Tensor[P, H, W] (for "segm_proposals")
+
+The metric is the one of the DeepMask / SharpMask papers and detectron2's
+`_evaluate_box_proposals`. For every image, limit L and COCO area range (on the ground truth's
+"area" field: all, small < 32^2, medium 32^2..96^2, large > 96^2):
+
+1. take the top-L proposals and the non-crowd ground truth in the area range (crowd regions
+   are ignored: they are neither recalled nor do they consume proposals);
+2. IoU matrix [L, G] (boxes: `pairwise_iou`; masks: `pycocotools.mask.iou` on RLEs);
+3. greedy one-to-one matching: repeatedly take the remaining (proposal, gt) pair with the
+   highest IoU and remove its row and column; a gt left unmatched has IoU 0;
+4. recall(t) = fraction of all ground truth (over all images) whose matched IoU >= t, for
+   t in 0.5:0.05:0.95, and AR = mean over t.
+
+Results are in percent, keyed "AR@L" (all areas) and "ARs@L", "ARm@L", "ARl@L"; NaN where
+there is no ground truth in the area range.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.coco import COCO
+from torch import Tensor
+
+from detframe.registry import EVALUATOR_REGISTRY
+from detframe.structures import (
+    BitMasks,
+    Boxes,
+    Instances,
+    bitmask_to_rle,
+    pairwise_iou,
+    xywh_to_xyxy,
+)
+
+from .coco_evaluation import gather_to_main_process, load_coco
+
+__all__ = ["AREA_RANGES", "IOU_THRESHOLDS", "ProposalEvaluator", "greedy_matched_ious"]
+
+# COCO's area ranges (in pixels^2 of the ground truth's "area"), keyed by the metric prefix.
+AREA_RANGES = {
+    "AR": (0.0, 1e5**2),
+    "ARs": (0.0, 32.0**2),
+    "ARm": (32.0**2, 96.0**2),
+    "ARl": (96.0**2, 1e5**2),
+}
+IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10, dtype=torch.float64)
+TASKS = ("box_proposals", "segm_proposals")
+
+
+def greedy_matched_ious(ious: Tensor) -> Tensor:
+    """The IoU each ground truth gets in a greedy one-to-one matching.
+
+    Args:
+        ious: [P, G] IoU of proposals (rows) with ground truth (columns).
+
+    Returns:
+        [G] float64: the IoU of the proposal matched to each ground truth, 0 where none is.
+        Matching repeatedly takes the highest remaining pair and removes its row and column.
+    """
+    ious = ious.to(torch.float64).clone()
+    num_gt = ious.size(1)
+    matched = torch.zeros(num_gt, dtype=torch.float64)
+    for _ in range(min(ious.shape)):
+        flat_index = int(torch.argmax(ious))
+        proposal, gt = divmod(flat_index, num_gt)
+        matched[gt] = ious[proposal, gt]
+        ious[proposal, :] = -1
+        ious[:, gt] = -1
+    return matched
+
+
+@EVALUATOR_REGISTRY.register()
+class ProposalEvaluator:
+    """Average recall of box proposals and segment proposals (see the module docstring).
+
+    Use: `reset()`, then `process(inputs, outputs)` for every batch, then `evaluate()`.
+    """
+
+    def __init__(
+        self,
+        ground_truth: str | os.PathLike | COCO,
+        tasks: Sequence[str] = ("box_proposals",),
+        limits: Sequence[int] = (10, 100, 1000),
+    ) -> None:
+        """
+        Args:
+            ground_truth: path to a COCO-format json, or a pycocotools COCO object.
+            tasks: any of "box_proposals" and "segm_proposals".
+            limits: the numbers of top-ranked proposals per image to evaluate recall at.
+
+        Raises:
+            ValueError: an unknown task, or a limit that is not positive.
+        """
+        if not tasks or set(tasks) - set(TASKS):
+            raise ValueError(f"ProposalEvaluator tasks must be among {TASKS}, got {tasks!r}")
+        if not limits or min(limits) < 1:
+            raise ValueError(f"ProposalEvaluator limits must be positive, got {limits!r}")
+        self.coco_gt = load_coco(ground_truth)
+        self.tasks = tuple(tasks)
+        self.limits = tuple(int(limit) for limit in limits)
+        self._predictions: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        """Forgets the processed proposals (call before a new evaluation)."""
+        self._predictions = []
+
+    def process(self, inputs: Sequence[dict[str, Any]], outputs: Sequence[Instances]) -> None:
+        """Keeps the top `max(limits)` proposals of every image (on the CPU; masks as RLEs).
+
+        Raises:
+            ValueError: "segm_proposals" is evaluated but an image has no proposal_masks.
+        """
+        for input_dict, instances in zip(inputs, outputs, strict=True):
+            image_id = int(input_dict["image_id"])
+            order = torch.argsort(instances.objectness_logits.detach().cpu(), descending=True)
+            order = order[: max(self.limits)]
+            prediction: dict[str, Any] = {
+                "image_id": image_id,
+                "boxes": instances.proposal_boxes.tensor.detach().cpu()[order],
+            }
+            if "segm_proposals" in self.tasks:
+                if not instances.has("proposal_masks"):
+                    raise ValueError(
+                        f"'segm_proposals' is evaluated but image {image_id} has no proposal_masks"
+                    )
+                masks = instances.proposal_masks
+                masks = (masks.tensor if isinstance(masks, BitMasks) else masks).detach().cpu()
+                prediction["masks"] = [bitmask_to_rle(masks[i]) for i in order.tolist()]
+            self._predictions.append(prediction)
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """{task: {"AR@L", "ARs@L", "ARm@L", "ARl@L" for every limit L}} in percent on rank 0,
+        {} on the other ranks."""
+        predictions = gather_to_main_process(self._predictions)
+        if predictions is None:
+            return {}
+        return {task: self._average_recalls(task, predictions) for task in self.tasks}
+
+    def _ground_truth(self, image_id: int) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+        """The non-crowd ground truth of one image: XYXY boxes [G, 4], areas [G], RLEs [G]."""
+        annotations = self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=[image_id]))
+        annotations = [a for a in annotations if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float64)
+        areas = torch.tensor([float(a["area"]) for a in annotations], dtype=torch.float64)
+        rles = [self.coco_gt.annToRLE(a) for a in annotations]
+        return xywh_to_xyxy(boxes.reshape(-1, 4)), areas, rles
+
+    def _average_recalls(self, task: str, predictions: list[dict[str, Any]]) -> dict[str, float]:
+        """The AR of every (area range, limit) of one task, in percent."""
+        matched: dict[tuple[str, int], list[Tensor]] = {
+            (area, limit): [] for area in AREA_RANGES for limit in self.limits
+        }
+        for prediction in predictions:
+            gt_boxes, gt_areas, gt_rles = self._ground_truth(prediction["image_id"])
+            if task == "box_proposals":
+                ious = pairwise_iou(Boxes(prediction["boxes"].double()), Boxes(gt_boxes))
+            elif prediction["masks"] and gt_rles:
+                iscrowd = [0] * len(gt_rles)
+                ious = torch.as_tensor(mask_util.iou(prediction["masks"], gt_rles, iscrowd))
+            else:
+                ious = torch.zeros(len(prediction["masks"]), len(gt_rles), dtype=torch.float64)
+            for area, (low, high) in AREA_RANGES.items():
+                in_range = (gt_areas >= low) & (gt_areas <= high)
+                for limit in self.limits:
+                    matched[area, limit].append(greedy_matched_ious(ious[:limit, in_range]))
+        metrics = {}
+        for (area, limit), per_image in matched.items():
+            ious = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.float64)
+            if ious.numel() == 0:
+                metrics[f"{area}@{limit}"] = math.nan
+                continue
+            recalls = (ious[None, :] >= IOU_THRESHOLDS[:, None]).double().mean(dim=1)
+            metrics[f"{area}@{limit}"] = float(recalls.mean() * 100)
+        return metrics
