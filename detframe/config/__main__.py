@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import SCHEMA, ConfigError, format_config, load_config
+from .loader import import_builtin_components
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides")
     args = parser.parse_args(argv)
     if args.print_schema:
+        import_builtin_components()
         sys.stdout.write(SCHEMA.markdown())
         return 0
     if args.config is None:

@@ -127,6 +127,18 @@ def _parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return flat
 
 
+# detframe's own packages that declare config keys next to their code. They are imported
+# (lazily: they import detframe.config themselves) before any config is validated or the
+# schema printed, so the schema is complete whoever calls load_config.
+BUILTIN_COMPONENTS = ("detframe.data",)
+
+
+def import_builtin_components() -> None:
+    """Imports the packages in BUILTIN_COMPONENTS, which declares their keys."""
+    for module in BUILTIN_COMPONENTS:
+        importlib.import_module(module)
+
+
 def _import_modules(layers: Sequence[Layer]) -> None:
     """Imports the modules of the effective IMPORTS (the last layer that sets it wins)."""
     setting = [(source, flat["IMPORTS"]) for source, flat in layers if "IMPORTS" in flat]
@@ -187,6 +199,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         ConfigError: a missing or malformed file, a `_BASE_` cycle, a failed import, an
             unknown key, a wrong type or a required key left unset.
     """
+    import_builtin_components()
     layers = _read_chain(Path(path), named_by=None)
     layers.append((COMMAND_LINE, _parse_overrides(overrides)))
     _import_modules(layers)

@@ -1,5 +1,6 @@
 """Datasets, loading and transforms."""
 
+from .build import build_test_loader, build_train_loader, build_train_loader_from_config
 from .catalog import (
     DATASETS,
     DatasetCatalog,
@@ -9,6 +10,8 @@ from .catalog import (
     register_shapes,
 )
 from .coco import DatasetError, coco_metadata, load_coco_json, load_proposals
+from .mapper import DatasetMapper
+from .samplers import AspectRatioGroupedBatcher, Batcher, InferenceSampler, TrainingSampler
 from .shapes import (
     SHAPE_CLASSES,
     RenderedImage,
@@ -19,16 +22,28 @@ from .shapes import (
     render_image,
     shapes_split,
 )
+from .transforms import RandomFlip, ResizeShortestEdge, apply_transforms
 
 __all__ = [
     "DATASETS",
     "SHAPE_CLASSES",
+    "AspectRatioGroupedBatcher",
+    "Batcher",
     "DatasetCatalog",
     "DatasetEntry",
     "DatasetError",
+    "DatasetMapper",
+    "InferenceSampler",
+    "RandomFlip",
     "RenderedImage",
+    "ResizeShortestEdge",
     "ShapeInstance",
     "ShapesConfig",
+    "TrainingSampler",
+    "apply_transforms",
+    "build_test_loader",
+    "build_train_loader",
+    "build_train_loader_from_config",
     "coco_metadata",
     "default_shapes_root",
     "generate_shapes",

@@ -1,0 +1,194 @@
+"""Index samplers for training and inference, and the batchers that group mapped samples.
+
+- `TrainingSampler(size, shuffle, seed, rank, world_size, start)`: an infinite stream of
+  dataset indices for one rank. Epoch `e` is a permutation of `range(size)` drawn from a
+  `torch.Generator` seeded from `(seed, e)`, so the stream depends only on its arguments.
+  Rank `r` of `W` takes elements `r, r + W, r + 2W, ...` of each epoch's permutation, so the
+  ranks together see every index exactly once per epoch.
+- `InferenceSampler(size, rank, world_size)`: a finite stream covering every index exactly
+  once across ranks, in contiguous shards whose sizes differ by at most one.
+- `Batcher(samples, batch_size)`: groups an iterable of mapped samples into lists of
+  `batch_size`, skipping (and counting) `None` samples; `AspectRatioGroupedBatcher` keeps
+  landscape (w >= h) and portrait images in separate groups, so a batch is one or the other.
+
+`rank` / `world_size` default to `torch.distributed`'s when it is initialised, else 0 / 1.
+Nothing here touches global state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, Sampler
+
+__all__ = [
+    "AspectRatioGroupedBatcher",
+    "Batcher",
+    "InferenceSampler",
+    "TrainingSampler",
+    "resolve_rank",
+]
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size), with `None`s filled from `torch.distributed` (or 0 / 1); validated."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return rank, world_size
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A generator seed for `(seed, epoch)`; distinct pairs give distinct seeds in practice."""
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+class TrainingSampler(Sampler[int]):
+    """An infinite, deterministic, rank-sharded stream of indices into a dataset of `size`.
+
+    Resuming: `start` (or `set_start`) is the number of indices *this rank* has already
+    yielded, i.e. the position in this rank's stream to continue from. A run resumed with
+    `start = n` yields exactly what an uninterrupted run yields after its first `n` indices.
+    A trainer that draws `b` images per iteration per rank without aspect-ratio grouping
+    has consumed `iteration * b`; with grouping the batcher holds some drawn samples back,
+    so the count of samples drawn from the sampler must be recorded instead.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start: int = 0,
+    ) -> None:
+        """
+        Args:
+            size: number of samples in the dataset; at least `world_size`.
+            shuffle: permute each epoch; if False, every epoch is `0..size-1` in order.
+            seed: seed of the per-epoch permutations; must be the same on every rank.
+            rank, world_size: this process's shard; see the module docstring for defaults.
+            start: indices of this rank's stream to skip (see the class docstring).
+        """
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        if size < self.world_size:
+            raise ValueError(
+                f"dataset size {size} is smaller than the world size {self.world_size}"
+            )
+        self.size = size
+        self.shuffle = shuffle
+        self.seed = seed
+        # Indices per epoch on this rank: len(range(rank, size, world_size)).
+        self.per_epoch = len(range(self.rank, size, self.world_size))
+        self.set_start(start)
+
+    def set_start(self, start: int) -> None:
+        """Makes the next iteration begin after the first `start` indices of this rank's stream."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.start = start
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The whole permutation of epoch `epoch` (all ranks), int64 `[size]`."""
+        if not self.shuffle:
+            return torch.arange(self.size)
+        generator = torch.Generator()
+        generator.manual_seed(_epoch_seed(self.seed, epoch))
+        return torch.randperm(self.size, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            shard = self.epoch_order(epoch)[self.rank :: self.world_size]
+            yield from shard[offset:].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+class InferenceSampler(Sampler[int]):
+    """Every index in `range(size)` exactly once across ranks, in contiguous shards.
+
+    Rank `r` of `W` gets `size // W` indices, plus one if `r < size % W`.
+    """
+
+    def __init__(self, size: int, rank: int | None = None, world_size: int | None = None) -> None:
+        """
+        Args:
+            size: number of samples in the dataset.
+            rank, world_size: this process's shard; see the module docstring for defaults.
+        """
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        base, extra = divmod(size, self.world_size)
+        begin = self.rank * base + min(self.rank, extra)
+        self.indices = range(begin, begin + base + (self.rank < extra))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class Batcher(IterableDataset):
+    """Lists of `batch_size` samples from an iterable of mapped samples (dicts or `None`).
+
+    `None` samples (the mapper rejected them) are skipped and counted in `num_skipped`.
+    Samples are put in groups by `group_of`; a group is yielded as a batch when it is full.
+    This class has one group; subclasses override `group_of`. A partial group left when
+    `samples` ends is dropped (training streams are infinite).
+    """
+
+    def __init__(self, samples: Iterable[dict[str, Any] | None], batch_size: int) -> None:
+        """
+        Args:
+            samples: the mapped samples, e.g. a DataLoader with `batch_size=None`.
+            batch_size: samples per yielded list; >= 1.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.samples = samples
+        self.batch_size = batch_size
+        self.num_skipped = 0
+
+    def group_of(self, sample: dict[str, Any]) -> int:
+        """The group a sample belongs to; batches hold samples of one group."""
+        return 0
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for sample in self.samples:
+            if sample is None:
+                self.num_skipped += 1
+                continue
+            group = groups.setdefault(self.group_of(sample), [])
+            group.append(sample)
+            if len(group) == self.batch_size:
+                yield group[:]
+                group.clear()
+
+
+class AspectRatioGroupedBatcher(Batcher):
+    """A `Batcher` whose batches are all landscape (w >= h) or all portrait images.
+
+    The size of a sample is the last two dims of its `"image"` tensor `[C, H, W]` when it
+    has one (the size after the mapper's resizing), else its `"width"` and `"height"`.
+    """
+
+    def group_of(self, sample: dict[str, Any]) -> int:
+        """0 for landscape (w >= h), 1 for portrait."""
+        if "image" in sample:
+            height, width = sample["image"].shape[-2:]
+        else:
+            height, width = sample["height"], sample["width"]
+        return 0 if width >= height else 1

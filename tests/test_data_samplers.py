@@ -1,0 +1,207 @@
+"""Tests of detframe.data.samplers and detframe.data.build: order, sharding, resume, batching."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from detframe.config import load_config
+from detframe.data.build import (
+    build_test_loader,
+    build_train_loader,
+    build_train_loader_from_config,
+)
+from detframe.data.samplers import (
+    AspectRatioGroupedBatcher,
+    Batcher,
+    InferenceSampler,
+    TrainingSampler,
+)
+
+
+def take(iterable: Any, n: int) -> list[Any]:
+    """The first n items of an iterable."""
+    return list(itertools.islice(iter(iterable), n))
+
+
+def make_dataset(n: int) -> list[dict[str, Any]]:
+    """n dataset dicts; even ids landscape (w > h), odd ids portrait; all annotated."""
+    return [
+        {
+            "image_id": i,
+            "file_name": f"{i}.jpg",
+            "width": 40 if i % 2 == 0 else 20,
+            "height": 20 if i % 2 == 0 else 40,
+            "annotations": [{"bbox": [0, 0, 1, 1], "category_id": 0, "iscrowd": 0}],
+        }
+        for i in range(n)
+    ]
+
+
+def random_mapper(record: dict[str, Any]) -> dict[str, Any]:
+    """Copies the record and adds a draw from numpy's global RNG (an 'augmentation')."""
+    return {**record, "r": float(np.random.rand())}
+
+
+def signature(batches: list[list[dict[str, Any]]]) -> list[list[tuple[int, float]]]:
+    """(image_id, r) of every sample of every batch."""
+    return [[(s["image_id"], s["r"]) for s in batch] for batch in batches]
+
+
+def test_training_sampler_is_deterministic_and_seed_dependent() -> None:
+    a = take(TrainingSampler(50, seed=3), 200)
+    assert a == take(TrainingSampler(50, seed=3), 200)
+    assert a != take(TrainingSampler(50, seed=4), 200)
+    # each epoch is a permutation, and epochs differ
+    assert sorted(a[:50]) == list(range(50)) and sorted(a[50:100]) == list(range(50))
+    assert a[:50] != a[50:100]
+    assert take(TrainingSampler(5, shuffle=False), 7) == [0, 1, 2, 3, 4, 0, 1]
+
+
+@pytest.mark.parametrize("size", [12, 13])
+def test_training_sampler_ranks_cover_each_index_once_per_epoch(size: int) -> None:
+    world = 2
+    samplers = [TrainingSampler(size, seed=1, rank=r, world_size=world) for r in range(world)]
+    for epoch in range(3):
+        seen: list[int] = []
+        for sampler in samplers:
+            per_epoch = sampler.per_epoch
+            stream = take(sampler, per_epoch * 3)
+            seen += stream[epoch * per_epoch : (epoch + 1) * per_epoch]
+        assert sorted(seen) == list(range(size))
+
+
+@pytest.mark.parametrize("size", [10, 11, 1])
+def test_inference_sampler_contiguous_exact_cover(size: int) -> None:
+    world = 3
+    shards = [list(InferenceSampler(size, rank=r, world_size=world)) for r in range(world)]
+    assert list(itertools.chain(*shards)) == list(range(size))
+    lengths = [len(InferenceSampler(size, rank=r, world_size=world)) for r in range(world)]
+    assert lengths == [len(s) for s in shards]
+    assert max(lengths) - min(lengths) <= 1
+
+
+@pytest.mark.parametrize("start", [0, 4, 6, 7, 20])
+def test_training_sampler_resume_continues_uninterrupted_stream(start: int) -> None:
+    full = take(TrainingSampler(13, seed=9, rank=1, world_size=2), 40)
+    resumed = TrainingSampler(13, seed=9, rank=1, world_size=2, start=start)
+    assert take(resumed, 40 - start) == full[start:]
+    later = TrainingSampler(13, seed=9, rank=1, world_size=2)
+    later.set_start(start)
+    assert take(later, 5) == full[start : start + 5]
+
+
+def test_sampler_argument_errors() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        TrainingSampler(10, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="smaller than the world size"):
+        TrainingSampler(1, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="start"):
+        TrainingSampler(10, start=-1)
+
+
+def test_aspect_grouping_yields_homogeneous_full_batches() -> None:
+    samples = [*make_dataset(11), None, *make_dataset(7)]
+    batcher = AspectRatioGroupedBatcher(samples, batch_size=3)
+    batches = list(batcher)
+    assert batches and all(len(b) == 3 for b in batches)
+    for batch in batches:
+        assert len({s["width"] >= s["height"] for s in batch}) == 1
+    assert batcher.num_skipped == 1
+    # the image tensor, when present, decides: a landscape record with a portrait image
+    portrait = {"width": 40, "height": 20, "image": torch.zeros(3, 50, 10)}
+    assert batcher.group_of(portrait) == 1
+    # the plain batcher mixes orientations in arrival order
+    plain = list(Batcher(make_dataset(6), batch_size=3))
+    assert [[s["image_id"] for s in b] for b in plain] == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("grouping", [True, False])
+def test_train_loader_deterministic_and_seed_dependent(grouping: bool) -> None:
+    dataset = make_dataset(20)
+
+    def run(seed: int) -> list[list[tuple[int, float]]]:
+        loader = build_train_loader(dataset, random_mapper, 4, 0, seed, grouping)
+        return signature(take(loader, 8))
+
+    first = run(5)
+    assert all(len(b) == 4 for b in first)
+    assert first == run(5)
+    assert first != run(6)
+
+
+def test_train_loader_with_two_workers_is_deterministic() -> None:
+    dataset = make_dataset(16)
+
+    def run() -> list[list[tuple[int, float]]]:
+        loader = build_train_loader(dataset, random_mapper, 2, 2, 7, aspect_ratio_grouping=False)
+        return signature(take(loader, 6))
+
+    first = run()
+    assert first == run()
+    ids = [i for batch in first for i, _ in batch]
+    assert ids == take(TrainingSampler(16, seed=7), 12)
+    # the two workers' RNG streams differ
+    assert len({r for batch in first for _, r in batch}) == 12
+
+
+def test_train_loader_ranks_split_the_data() -> None:
+    dataset = make_dataset(12)
+    ids = []
+    for rank in range(2):
+        loader = build_train_loader(dataset, random_mapper, 4, 0, 1, False, rank=rank, world_size=2)
+        batches = take(loader, 3)
+        assert all(len(b) == 2 for b in batches)
+        ids += [s["image_id"] for b in batches for s in b]
+    assert sorted(ids) == list(range(12))
+
+
+def test_train_loader_skips_and_counts_mapper_none() -> None:
+    def mapper(record: dict[str, Any]) -> dict[str, Any] | None:
+        return None if record["image_id"] % 3 == 0 else record
+
+    loader = build_train_loader(make_dataset(9), mapper, 2, 0, 0, aspect_ratio_grouping=False)
+    batches = take(loader, 6)  # 12 kept samples = two epochs of 6, 6 rejected
+    assert all(s["image_id"] % 3 != 0 for b in batches for s in b)
+    assert loader.num_skipped == 6
+
+
+def test_train_loader_batch_size_must_divide() -> None:
+    with pytest.raises(ValueError, match=r"total batch size 5 .* world size 2"):
+        build_train_loader(make_dataset(4), random_mapper, 5, 0, 0, rank=0, world_size=2)
+
+
+def test_train_loader_filters_images_without_instances() -> None:
+    dataset = make_dataset(6)
+    dataset[1]["annotations"] = []
+    dataset[2]["annotations"] = [{"bbox": [0, 0, 1, 1], "category_id": 0, "iscrowd": 1}]
+    del dataset[3]["annotations"]
+    loader = build_train_loader(dataset, random_mapper, 3, 0, 0, aspect_ratio_grouping=False)
+    assert Counter(s["image_id"] for b in take(loader, 4) for s in b) == {0: 4, 4: 4, 5: 4}
+    unfiltered = build_train_loader(dataset, random_mapper, 6, 0, 0, False, filter_empty=False)
+    assert sorted(s["image_id"] for s in take(unfiltered, 1)[0]) == list(range(6))
+    dataset[0]["annotations"] = dataset[4]["annotations"] = dataset[5]["annotations"] = []
+    with pytest.raises(ValueError, match="empty"):
+        build_train_loader(dataset, random_mapper, 3, 0, 0)
+
+
+def test_test_loader_covers_shard_in_order_and_rejects_none() -> None:
+    dataset = make_dataset(7)
+    batches = list(build_test_loader(dataset, random_mapper, batch_size=2, rank=1, world_size=2))
+    assert [[s["image_id"] for s in b] for b in batches] == [[4, 5], [6]]
+    with pytest.raises(ValueError, match=r"None for test sample 0 \(0.jpg\)"):
+        list(build_test_loader(dataset, lambda record: None))
+
+
+def test_train_loader_from_config(tmp_path: Any) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("SEED: 3\nSOLVER:\n  IMS_PER_BATCH: 2\nDATALOADER:\n  NUM_WORKERS: 0\n")
+    cfg = load_config(path, ["DATALOADER.ASPECT_RATIO_GROUPING=false"])
+    loader = build_train_loader_from_config(cfg, make_dataset(8), random_mapper)
+    expected = build_train_loader(make_dataset(8), random_mapper, 2, 0, 3, False)
+    assert signature(take(loader, 4)) == signature(take(expected, 4))
