@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from detframe.data import catalog
+from detframe.config import ConfigError, load_config
 from detframe.data.catalog import (
     DATASETS,
     DatasetCatalog,
     register_coco,
+    register_from_config,
     register_from_config_entry,
     register_shapes,
 )
@@ -73,16 +74,30 @@ def test_default_catalog_is_the_dataset_registry() -> None:
     assert DATASETS.entry("shapes_val") is DATASET_REGISTRY.get("shapes_val")
 
 
-def test_register_from_config_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_register_from_config_entry(tmp_path: Path) -> None:
     json_file, images = _coco_folder(tmp_path)
     cat = DatasetCatalog()
-    monkeypatch.setattr(catalog, "DATASETS", cat)
-    register_from_config_entry("mine", str(json_file), str(images))
-    register_from_config_entry("mine", json_file, images)  # same files again: nothing happens
+    register_from_config_entry("mine", str(json_file), str(images), catalog=cat)
+    register_from_config_entry("mine", json_file, images, catalog=cat)  # same files: no-op
     assert cat.names() == ["mine"]
     assert len(cat.get("mine")) == 1
     with pytest.raises(ValueError, match="already registered"):
-        register_from_config_entry("mine", tmp_path / "other.json", images)
+        register_from_config_entry("mine", tmp_path / "other.json", images, catalog=cat)
+
+
+def test_coco_dataset_from_the_config_alone(tmp_path: Path) -> None:
+    json_file, images = _coco_folder(tmp_path)
+    config = tmp_path / "experiment.yaml"
+    config.write_text(f"DATASETS:\n  COCO: ['mine, {json_file}, {images}']\n  TRAIN: [mine]\n")
+    cfg = load_config(config)
+    cat = DatasetCatalog()
+    assert register_from_config(cfg, catalog=cat) == ["mine"]
+    assert register_from_config(cfg, catalog=cat) == ["mine"]  # loading twice is fine
+    assert [cat.get(name) for name in cfg.DATASETS.TRAIN] == [cat.get("mine")]
+    assert cat.metadata("mine")["json_file"] == str(json_file)
+    bad = load_config(config, [f"DATASETS.COCO=['mine,{json_file}']"])
+    with pytest.raises(ConfigError, match=r"DATASETS.COCO: entry 'mine,.*' must be 'NAME,"):
+        register_from_config(bad, catalog=DatasetCatalog())
 
 
 def test_shapes_split_is_generated_on_first_load(

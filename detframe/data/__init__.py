@@ -6,6 +6,7 @@ from .catalog import (
     DatasetCatalog,
     DatasetEntry,
     register_coco,
+    register_from_config,
     register_from_config_entry,
     register_shapes,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "load_coco_json",
     "load_proposals",
     "register_coco",
+    "register_from_config",
     "register_from_config_entry",
     "register_shapes",
     "render_image",

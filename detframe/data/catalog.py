@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
+from detframe.config import ConfigError, declare
 from detframe.registry import DATASET_REGISTRY, Registry
 
 from .coco import OnBad, coco_metadata, load_coco_json
@@ -37,6 +40,7 @@ __all__ = [
     "DatasetCatalog",
     "DatasetEntry",
     "register_coco",
+    "register_from_config",
     "register_from_config_entry",
     "register_shapes",
 ]
@@ -154,19 +158,56 @@ def register_coco(
 
 
 def register_from_config_entry(
-    name: str, json_file: str | os.PathLike[str], image_root: str | os.PathLike[str]
+    name: str,
+    json_file: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    proposals_file: str | os.PathLike[str] | None = None,
+    catalog: DatasetCatalog = DATASETS,
 ) -> None:
-    """Registers a COCO dataset in `DATASETS` from a module listed under the config's
-    `IMPORTS`. Registering the same name with the same files again does nothing, so the
-    module may be imported more than once; the same name with other files raises
-    ValueError."""
-    if name in DATASETS:
-        source = DATASETS.entry(name).source
-        if source.get("json_file") == str(json_file) and source.get("image_root") == str(
-            image_root
-        ):
+    """Registers a COCO dataset named by a config (`DATASETS.COCO`) or by a module listed
+    under `IMPORTS`. Registering the same name with the same files again does nothing, so
+    a config may be loaded, or a module imported, more than once; the same name with other
+    files raises ValueError."""
+    if name in catalog:
+        source = catalog.entry(name).source
+        wanted = {
+            "json_file": str(json_file),
+            "image_root": str(image_root),
+            "proposals_file": None if proposals_file is None else str(proposals_file),
+        }
+        if all(source.get(key) == value for key, value in wanted.items()):
             return
-    register_coco(name, json_file, image_root, catalog=DATASETS)
+    register_coco(name, json_file, image_root, proposals_file, catalog=catalog)
+
+
+declare(
+    "DATASETS.COCO",
+    list[str],
+    [],
+    "COCO datasets to register, each 'NAME,ANNOTATIONS_JSON,IMAGE_ROOT[,PROPOSALS_FILE]'",
+)
+
+
+def register_from_config(cfg: DictConfig, catalog: DatasetCatalog = DATASETS) -> list[str]:
+    """Registers every `DATASETS.COCO` entry of `cfg`, so that any COCO annotation file and
+    image folder can be used from the config alone; returns the names registered.
+
+    Raises:
+        ConfigError: an entry is not 'NAME,ANNOTATIONS_JSON,IMAGE_ROOT[,PROPOSALS_FILE]'.
+        ValueError: a name is already registered with other files.
+    """
+    names = []
+    for entry in cfg.DATASETS.COCO:
+        parts = [part.strip() for part in entry.split(",")]
+        if len(parts) not in (3, 4) or not all(parts):
+            raise ConfigError(
+                f"DATASETS.COCO: entry {entry!r} must be "
+                "'NAME,ANNOTATIONS_JSON,IMAGE_ROOT' or 'NAME,ANNOTATIONS_JSON,IMAGE_ROOT,"
+                "PROPOSALS_FILE'"
+            )
+        register_from_config_entry(*parts, catalog=catalog)
+        names.append(parts[0])
+    return names
 
 
 def register_shapes(
