@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from detframe.config import ConfigError, load_config
+from detframe.data import DatasetError
 from detframe.data.catalog import (
     DATASETS,
     DatasetCatalog,
@@ -95,6 +96,18 @@ def test_coco_dataset_from_the_config_alone(tmp_path: Path) -> None:
     assert register_from_config(cfg, catalog=cat) == ["mine"]  # loading twice is fine
     assert [cat.get(name) for name in cfg.DATASETS.TRAIN] == [cat.get("mine")]
     assert cat.metadata("mine")["json_file"] == str(json_file)
+    # DATALOADER.ON_BAD_DATA reaches the loader: a degenerate box is an error, or skipped.
+    data = json.loads(json_file.read_text())
+    data["annotations"].append({**data["annotations"][0], "id": 999, "bbox": [1, 1, 0, 5]})
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    entry = f"DATASETS.COCO=['broken, {broken}, {images}']"
+    strict, lenient = DatasetCatalog(), DatasetCatalog()
+    register_from_config(load_config(config, [entry]), catalog=strict)
+    register_from_config(load_config(config, [entry, "DATALOADER.ON_BAD_DATA=skip"]), lenient)
+    with pytest.raises(DatasetError, match=r"broken\.json"):
+        strict.get("broken")
+    assert lenient.get("broken") == cat.get("mine")
     bad = load_config(config, [f"DATASETS.COCO=['mine,{json_file}']"])
     with pytest.raises(ConfigError, match=r"DATASETS.COCO: entry 'mine,.*' must be 'NAME,"):
         register_from_config(bad, catalog=DatasetCatalog())

@@ -226,10 +226,12 @@ def test_from_config_builds_train_and_test_mappers() -> None:
                 "MASK_FORMAT": "bitmask",
             },
             "MODEL": {"MASK_ON": True},
+            "DATALOADER": {"ON_BAD_DATA": "skip"},
         }
     )
     train = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True))
     assert train.is_train and train.mask_on and train.mask_format == "bitmask"
+    assert train.on_bad == "skip"
     assert [type(a).__name__ for a in train.augmentations] == ["ResizeShortestEdge"]
     test = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=False))
     assert test.augmentations[0].short_edge_lengths == (36,) and test.image_format == "RGB"

@@ -162,6 +162,7 @@ def register_from_config_entry(
     json_file: str | os.PathLike[str],
     image_root: str | os.PathLike[str],
     proposals_file: str | os.PathLike[str] | None = None,
+    on_bad: OnBad = "error",
     catalog: DatasetCatalog = DATASETS,
 ) -> None:
     """Registers a COCO dataset named by a config (`DATASETS.COCO`) or by a module listed
@@ -177,7 +178,7 @@ def register_from_config_entry(
         }
         if all(source.get(key) == value for key, value in wanted.items()):
             return
-    register_coco(name, json_file, image_root, proposals_file, catalog=catalog)
+    register_coco(name, json_file, image_root, proposals_file, on_bad, catalog=catalog)
 
 
 declare(
@@ -190,7 +191,8 @@ declare(
 
 def register_from_config(cfg: DictConfig, catalog: DatasetCatalog = DATASETS) -> list[str]:
     """Registers every `DATASETS.COCO` entry of `cfg`, so that any COCO annotation file and
-    image folder can be used from the config alone; returns the names registered.
+    image folder can be used from the config alone (bad data handled per
+    DATALOADER.ON_BAD_DATA); returns the names registered.
 
     Raises:
         ConfigError: an entry is not 'NAME,ANNOTATIONS_JSON,IMAGE_ROOT[,PROPOSALS_FILE]'.
@@ -205,7 +207,15 @@ def register_from_config(cfg: DictConfig, catalog: DatasetCatalog = DATASETS) ->
                 "'NAME,ANNOTATIONS_JSON,IMAGE_ROOT' or 'NAME,ANNOTATIONS_JSON,IMAGE_ROOT,"
                 "PROPOSALS_FILE'"
             )
-        register_from_config_entry(*parts, catalog=catalog)
+        json_file, image_root, *proposals = parts[1:]
+        register_from_config_entry(
+            parts[0],
+            json_file,
+            image_root,
+            *proposals,
+            on_bad=cfg.DATALOADER.ON_BAD_DATA,
+            catalog=catalog,
+        )
         names.append(parts[0])
     return names
 

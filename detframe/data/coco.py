@@ -46,11 +46,20 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
+from detframe.config import declare
+
 __all__ = ["DatasetError", "coco_metadata", "load_coco_json", "load_proposals"]
 
 logger = logging.getLogger(__name__)
 
 OnBad = Literal["error", "skip"]
+declare(
+    "DATALOADER.ON_BAD_DATA",
+    str,
+    "error",
+    "bad annotations or image files: raise an error naming them, or skip and count them",
+    choices=("error", "skip"),
+)
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 

@@ -109,7 +109,7 @@ class DatasetMapper:
 
     @classmethod
     def from_config(cls, cfg: Any, is_train: bool) -> dict[str, Any]:
-        """Constructor keyword arguments from INPUT.* and MODEL.MASK_ON."""
+        """Constructor keyword arguments from INPUT.*, MODEL.MASK_ON and DATALOADER.ON_BAD_DATA."""
         if is_train:
             augmentations: list[Augmentation] = [
                 ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, "choice")
@@ -124,6 +124,7 @@ class DatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "mask_on": cfg.MODEL.MASK_ON,
             "mask_format": cfg.INPUT.MASK_FORMAT,
+            "on_bad": cfg.DATALOADER.ON_BAD_DATA,
         }
 
     def _bad(self, kind: str, message: str) -> None:
