@@ -123,6 +123,19 @@ DATASETS = DatasetCatalog(DATASET_REGISTRY)
 """The default catalog, backed by DATASET_REGISTRY."""
 
 
+def _coco_source(
+    json_file: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    proposals_file: str | os.PathLike[str] | None,
+) -> dict[str, str | None]:
+    """The files a COCO dataset entry reads, as recorded in its `source`."""
+    return {
+        "json_file": str(json_file),
+        "image_root": str(image_root),
+        "proposals_file": None if proposals_file is None else str(proposals_file),
+    }
+
+
 def register_coco(
     name: str,
     json_file: str | os.PathLike[str],
@@ -139,11 +152,7 @@ def register_coco(
     Raises:
         ValueError: `name` is already registered.
     """
-    source = {
-        "json_file": str(json_file),
-        "image_root": str(image_root),
-        "proposals_file": None if proposals_file is None else str(proposals_file),
-    }
+    source = _coco_source(json_file, image_root, proposals_file)
 
     def load() -> list[dict[str, Any]]:
         return load_coco_json(
@@ -171,11 +180,7 @@ def register_from_config_entry(
     files raises ValueError."""
     if name in catalog:
         source = catalog.entry(name).source
-        wanted = {
-            "json_file": str(json_file),
-            "image_root": str(image_root),
-            "proposals_file": None if proposals_file is None else str(proposals_file),
-        }
+        wanted = _coco_source(json_file, image_root, proposals_file)
         if all(source.get(key) == value for key, value in wanted.items()):
             return
     register_coco(name, json_file, image_root, proposals_file, on_bad, catalog=catalog)
