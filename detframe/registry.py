@@ -17,9 +17,11 @@ Conventions:
 - Reading the config happens in one small, visible place per component: the classmethod
   `from_config(cfg)`, which returns the constructor's keyword arguments. A subclass changes
   how it is configured by overriding that one method.
-- `build(registry, name, cfg, **overrides)` looks the name up, calls `from_config(cfg)` and
-  then the constructor; `overrides` replace or add keyword arguments (e.g. values that come
-  from another component, such as input channels).
+- `build(registry, name, cfg, *inputs, **overrides)` looks the name up, calls
+  `from_config(cfg, *inputs)` and then the constructor. `inputs` are what a component needs
+  from the ones built before it, e.g. the backbone's `output_shape()` for a head, which
+  `from_config` takes as extra positional parameters; `overrides` replace or add keyword
+  arguments of the constructor.
 - Looking up an unknown name raises `UnknownNameError` (a `KeyError`) that lists the
   registered names and suggests the closest one. A component that lives in a user's package
   is registered by importing that package: list it under `IMPORTS` in the config.
@@ -100,22 +102,27 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-def build(registry: Registry, name: str, cfg: Any = None, **overrides: Any) -> Any:
+def build(registry: Registry, name: str, cfg: Any = None, *inputs: Any, **overrides: Any) -> Any:
     """Constructs the component registered as `name`.
 
     Args:
         registry: where to look `name` up.
         name: the registered name, usually read from the config.
-        cfg: the config; when given, the component's `from_config(cfg)` supplies the
-            constructor's keyword arguments. None constructs from `overrides` alone.
+        cfg: the config; when given, the component's `from_config(cfg, *inputs)` supplies
+            the constructor's keyword arguments. None constructs from `overrides` alone.
+        inputs: further positional arguments of `from_config`, such as the input shapes
+            of a head (`dict[str, ShapeSpec]`); only with a config.
         overrides: keyword arguments that replace or add to those from `from_config`.
 
     Raises:
         UnknownNameError: `name` is not registered.
-        TypeError: `cfg` is given but the component has no `from_config` classmethod.
+        TypeError: `cfg` is given but the component has no `from_config` classmethod, or
+            `inputs` are given without a config.
     """
     component = registry.get(name)
     kwargs: dict[str, Any] = {}
+    if cfg is None and inputs:
+        raise TypeError(f"{registry._name} {name!r}: from_config inputs given without a config")
     if cfg is not None:
         from_config = getattr(component, "from_config", None)
         if from_config is None:
@@ -124,7 +131,7 @@ def build(registry: Registry, name: str, cfg: Any = None, **overrides: Any) -> A
                 "classmethod, so it cannot be built from a config; construct it with keyword "
                 "arguments instead"
             )
-        kwargs = dict(from_config(cfg))
+        kwargs = dict(from_config(cfg, *inputs))
     kwargs.update(overrides)
     return component(**kwargs)
 

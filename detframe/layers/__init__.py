@@ -8,5 +8,6 @@ when the compiled library is missing; `ops_backend()` says which is active.
 from ._compiled import OpsBackend, ops_backend
 from .roi_align import RoIAlign, roi_align
 from .roi_pool import RoIPool, roi_pool
+from .shape_spec import ShapeSpec
 
-__all__ = ["OpsBackend", "RoIAlign", "RoIPool", "ops_backend", "roi_align", "roi_pool"]
+__all__ = ["OpsBackend", "RoIAlign", "RoIPool", "ShapeSpec", "ops_backend", "roi_align", "roi_pool"]

@@ -1,0 +1,1 @@
+"""detframe's models: backbones, proposal generators, ROI heads and meta-architectures."""
