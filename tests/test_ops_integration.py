@@ -195,10 +195,16 @@ def test_fallback_without_compiled_library():
 
 def test_layers_exports():
     assert set(detframe.layers.__all__) == {
+        "FrozenBatchNorm2d",
         "OpsBackend",
         "RoIAlign",
         "RoIPool",
+        "ShapeSpec",
+        "frozen_bn_affine",
+        "get_norm",
+        "giou_loss",
         "ops_backend",
         "roi_align",
         "roi_pool",
+        "smooth_l1_loss",
     }
