@@ -51,6 +51,9 @@ declare("DATALOADER.NUM_WORKERS", int, 4, "data-loading worker processes per tra
 declare("SOLVER.BASE_LR", float, 0.02, "learning rate at IMS_PER_BATCH images per iteration")
 declare("SOLVER.IMS_PER_BATCH", int, 16, "images per iteration, summed over all processes")
 declare("SOLVER.MAX_ITER", int, 90000, "number of training iterations")
+declare("SOLVER.STEPS", list[int], [60000, 80000], "iterations at which the learning rate drops")
+declare("SOLVER.GAMMA", float, 0.1, "factor the learning rate is multiplied by at each step")
+declare("SOLVER.WARMUP_ITERS", int, 1000, "iterations of linear learning-rate warmup")
 
 # Run.
 declare("SEED", int | None, None, "random seed; null picks one at random (and logs it)")
