@@ -95,6 +95,22 @@ def test_build_overrides_replace_and_add_arguments(heads: Registry) -> None:
     assert head.fc.bias is None
 
 
+class ShapedHead(TinyHead):
+    """A head whose input width comes from the component built before it, not the config."""
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, input_width: int) -> dict[str, Any]:
+        return {"in_features": input_width, "num_classes": cfg.HEAD.NUM_CLASSES}
+
+
+def test_build_passes_inputs_to_from_config(heads: Registry) -> None:
+    heads.register(ShapedHead)
+    head = build(heads, "ShapedHead", CFG, 7)
+    assert head.fc.in_features == 7 and head.fc.out_features == 3
+    with pytest.raises(TypeError, match="from_config inputs given without a config"):
+        build(heads, "ShapedHead", None, 7)
+
+
 def test_build_without_config_uses_keyword_arguments(heads: Registry) -> None:
     assert build(heads, "NoConfigHead", width=5).width == 5
     assert build(heads, "TinyHead", in_features=2, num_classes=6).fc.out_features == 6

@@ -24,13 +24,12 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 
 from .backbone.resnet import ResNet
+from .checkpoint_io import read_state_dict
 
 __all__ = [
     "LoadReport",
@@ -115,32 +114,6 @@ class LoadReport:
             if keys:
                 lines.append(f"  {len(keys)} keys {name}: {', '.join(keys)}")
         return "\n".join(lines)
-
-
-def read_state_dict(path_or_url: str) -> StateDict:
-    """Reads a state dict from a file or URL, without running code from it.
-
-    A URL (http, https) goes through torch.hub's cache, so it is downloaded once. A
-    checkpoint {"model": state_dict, ...} is unwrapped.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file holds no state dict.
-    """
-    if urlparse(path_or_url).scheme in ("http", "https"):
-        data = torch.hub.load_state_dict_from_url(
-            path_or_url, map_location="cpu", weights_only=True
-        )
-    else:
-        path = Path(path_or_url).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
-        data = data["model"]
-    if not isinstance(data, Mapping) or not all(isinstance(v, Tensor) for v in data.values()):
-        raise ValueError(f"{path_or_url!r} does not hold a state dict of tensors")
-    return dict(data)
 
 
 def state_dict_format(state_dict: Mapping[str, Tensor]) -> str:

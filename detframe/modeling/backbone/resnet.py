@@ -16,9 +16,7 @@ saves two passes over each feature map per normalisation; ReLUs then run in plac
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +27,7 @@ from detframe.config import declare
 from detframe.layers import FrozenBatchNorm2d, ShapeSpec, frozen_bn_affine, get_norm
 from detframe.registry import BACKBONE_REGISTRY
 
+from ..checkpoint_io import read_state_dict
 from .backbone import Backbone
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "conv_norm"]
@@ -336,23 +335,7 @@ class ResNet(Backbone):
             RuntimeError: the URL could not be downloaded (e.g. offline).
             ValueError: the file holds no state dict, or its keys do not match (named).
         """
-        if urlparse(path_or_url).scheme in ("http", "https", "file"):
-            try:
-                state = torch.hub.load_state_dict_from_url(
-                    path_or_url, map_location="cpu", weights_only=True
-                )
-            except OSError as e:  # URLError and HTTPError are OSErrors
-                raise RuntimeError(
-                    f"pretrained: could not download {path_or_url!r} ({e}); without network "
-                    "access, download the file elsewhere and give its local path"
-                ) from e
-        else:
-            path = Path(path_or_url).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"pretrained: weights file {str(path)!r} does not exist")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise ValueError(f"pretrained: {path_or_url!r} does not hold a state dict of tensors")
+        state = read_state_dict(path_or_url)
         built = {"conv1", "bn1"} | {name for name, _ in self._stages}
         skipped = {"fc"} | {f"layer{i}" for i in range(1, 5)} - built
         state = {k: v for k, v in state.items() if k.split(".")[0] not in skipped}

@@ -1,0 +1,193 @@
+"""Loading weights: torchvision detection and ImageNet checkpoints, detframe checkpoints.
+
+The torchvision state dicts come from torchvision's own models (random weights, no
+download); the key names of its published v1 files are made from them by the renames its
+modules' `_load_from_state_dict` undo.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet18, resnet50
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detframe.config import load_config
+from detframe.modeling import (
+    build_model,
+    convert_torchvision_detection,
+    load_weights,
+)
+from detframe.modeling.checkpoint_io import read_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TV_MASK_CONFIG = ROOT / "configs" / "torchvision" / "maskrcnn_resnet50_fpn.yaml"
+
+
+@pytest.fixture(scope="module")
+def tv_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)
+    return MaskRCNN(backbone, num_classes=91).state_dict()
+
+
+def legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The key names of torchvision's published maskrcnn_resnet50_fpn_coco file."""
+    renames = [
+        (r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.0\.", r"\1."),
+        (r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv."),
+        (
+            r"^roi_heads\.mask_head\.(\d+)\.0\.",
+            lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.",
+        ),
+    ]
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return build_model(load_config(TV_MASK_CONFIG, ["MODEL.DEVICE=cpu"]))
+
+
+def test_conversion_covers_every_key_of_the_model(tv_state, model) -> None:
+    converted = convert_torchvision_detection(tv_state)
+    assert set(converted) == set(model.state_dict())
+    assert set(convert_torchvision_detection(legacy_names(tv_state))) == set(converted)
+    for key, value in convert_torchvision_detection(legacy_names(tv_state)).items():
+        assert torch.equal(value, converted[key]), key
+
+
+def test_background_moves_last_and_loses_its_deltas_and_mask(tv_state) -> None:
+    converted = convert_torchvision_detection(tv_state)
+    cls_w = tv_state["roi_heads.box_predictor.cls_score.weight"]  # [91, 1024], bg first
+    assert torch.equal(converted["roi_heads.box_predictor.cls_score.weight"][:90], cls_w[1:])
+    assert torch.equal(converted["roi_heads.box_predictor.cls_score.weight"][90], cls_w[0])
+    box_b = tv_state["roi_heads.box_predictor.bbox_pred.bias"]  # [364]
+    assert torch.equal(converted["roi_heads.box_predictor.bbox_pred.bias"], box_b[4:])
+    mask_w = tv_state["roi_heads.mask_predictor.mask_fcn_logits.weight"]  # [91, 256, 1, 1]
+    assert torch.equal(converted["roi_heads.mask_head.predictor.weight"], mask_w[1:])
+
+
+def test_unknown_keys_are_named(tv_state) -> None:
+    state = dict(tv_state)
+    state["roi_heads.box_head.0.0.weight"] = torch.zeros(1)  # as in the v2 models
+    with pytest.raises(ValueError, match=r"1 unknown keys.*box_head\.0\.0\.weight"):
+        convert_torchvision_detection(state)
+
+
+def test_load_weights_reads_torchvision_files_directly(tv_state, model, tmp_path) -> None:
+    path = tmp_path / "maskrcnn_coco.pth"
+    torch.save(legacy_names(tv_state), path)
+    report = load_weights(model, str(path))
+    assert report.format == "torchvision_detection"
+    assert report.missing == report.unexpected == report.mismatched == []
+    own = model.state_dict()
+    assert torch.equal(
+        own["backbone.lateral_convs.2.weight"], tv_state["backbone.fpn.inner_blocks.2.0.weight"]
+    )
+    assert torch.equal(
+        own["proposal_generator.head.conv.weight"], tv_state["rpn.head.conv.0.0.weight"]
+    )
+
+
+def test_other_class_counts_are_reported_and_skipped(tv_state, tmp_path) -> None:
+    model = build_model(
+        load_config(TV_MASK_CONFIG, ["MODEL.DEVICE=cpu", "MODEL.ROI_HEADS.NUM_CLASSES=5"])
+    )
+    before = model.roi_heads.box_predictor.cls_score.weight.clone()
+    path = tmp_path / "tv.pth"
+    torch.save(tv_state, path)
+    report = load_weights(model, str(path))
+    assert any(
+        m.startswith("roi_heads.box_predictor.cls_score.weight (file (91, 1024), model (6, 1024))")
+        for m in report.mismatched
+    )
+    assert len(report.mismatched) == 6  # cls_score, bbox_pred, mask predictor: weight and bias
+    assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, before)
+    assert "with a different shape (skipped)" in str(report)
+
+
+def test_imagenet_resnet_goes_into_the_backbone(tmp_path) -> None:
+    tv_resnet = resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(tv_resnet.state_dict(), path)
+    model = build_model(
+        load_config(
+            TV_MASK_CONFIG,
+            ["MODEL.DEVICE=cpu", "MODEL.RESNETS.DEPTH=18", f"MODEL.WEIGHTS={path}"],
+        )
+    )
+    bottom_up = model.backbone.bottom_up.state_dict()
+    for key, value in tv_resnet.state_dict().items():
+        if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
+            assert torch.equal(bottom_up[key], value), key
+    report = load_weights(model, str(path))
+    assert report.format == "torchvision_classifier"
+    assert report.missing == report.unexpected == []
+
+
+def test_detframe_checkpoints_round_trip(model, tmp_path) -> None:
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "iteration": 3}, path)
+    report = load_weights(model, str(path))
+    assert report.format == "detframe"
+    assert report.missing == report.unexpected == report.mismatched == []
+
+
+class _Payload:
+    """Pickled objects other than tensors are refused: a file cannot run code on loading."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_files_are_read_without_running_code(tmp_path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        read_state_dict(str(path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_state_dict(str(tmp_path / "missing.pth"))
+    torch.save({"model": {"a": 1}}, path)
+    with pytest.raises(ValueError, match="does not hold a state dict of tensors"):
+        read_state_dict(str(path))
+
+
+def test_convert_script_writes_a_checkpoint_load_weights_takes(tv_state, model, tmp_path) -> None:
+    source, output = tmp_path / "tv.pth", tmp_path / "out" / "detframe.pth"
+    torch.save(tv_state, source)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_torchvision.py"), str(source), str(output)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torchvision_detection" in result.stdout
+    report = load_weights(model, str(output))
+    assert report.format == "detframe" and report.missing == report.unexpected == []
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_torchvision.py"),
+            str(tmp_path / "no.pth"),
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
