@@ -131,6 +131,23 @@ def test_eval_mode_has_no_instances_unless_asked(tmp_path: Path) -> None:
     assert len(out["instances"]) == 2
 
 
+def test_proposals_move_with_the_image(tmp_path: Path) -> None:
+    record = _coco_dataset(tmp_path)[0]  # 40 x 60
+    record["proposal_boxes"] = np.array(
+        [[0, 0, 30, 20], [50, 10, 70, 30], [60, 0, 80, 10]], np.float32
+    )  # the second sticks out, the third is outside the image
+    record["proposal_objectness_logits"] = np.array([3.0, 2.0, 1.0], np.float32)
+    flip = RandomFlip(prob=1.0)
+    for is_train in (True, False):
+        out = DatasetMapper(is_train, [ResizeShortestEdge((80,), 1000), flip])(record)
+        proposals = out["proposals"]
+        assert proposals.image_size == (80, 120)
+        # x2 := 2 * (60 - x1), x1 := 2 * (60 - x2); y doubled; clipped to 120 x 80.
+        expected = torch.tensor([[60.0, 0, 120, 40], [0, 20, 20, 60]])
+        assert torch.equal(proposals.proposal_boxes.tensor, expected)
+        assert torch.equal(proposals.objectness_logits, torch.tensor([3.0, 2.0]))
+
+
 def test_rgb_format_reverses_channels(tmp_path: Path) -> None:
     image = np.zeros((8, 10, 3), np.uint8)
     image[..., 0] = 200  # blue in BGR

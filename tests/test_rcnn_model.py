@@ -98,6 +98,25 @@ def test_evaluation_mode_gives_detections_and_validation_losses() -> None:
         assert (d.pred_boxes.tensor[:, 2] <= d.image_size[1]).all()
 
 
+def test_fast_rcnn_on_precomputed_proposals() -> None:
+    model = small_model("MODEL.PROPOSAL_GENERATOR.NAME=PrecomputedProposals")
+    batch = [sample(64, 96, [[10.0, 10.0, 50.0, 40.0]], seed=7)]
+    batch[0]["proposals"] = Instances(
+        (64, 96),
+        proposal_boxes=Boxes(torch.tensor([[8.0, 12.0, 52.0, 38.0], [60.0, 5.0, 90.0, 60.0]])),
+        objectness_logits=torch.tensor([1.0, 0.5]),
+    )
+    model.train()
+    losses = model(batch)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask"}  # no RPN losses
+    model.eval()
+    with torch.no_grad():
+        (detections,) = model.inference(batch)
+    assert detections.image_size == (64, 96)
+    with pytest.raises(ValueError, match="PrecomputedProposals"):
+        model.inference([{"image": batch[0]["image"]}])
+
+
 def test_bad_inputs_say_what_is_wrong() -> None:
     model = small_model()
     model.train()

@@ -11,6 +11,10 @@ Output of `DatasetMapper.__call__`, for an image resized to H' x W'::
                             gt_masks=PolygonMasks or BitMasks [N, H', W'] (with mask_on))}
 
 "instances" is there in training, and in evaluation only with `instances_in_eval=True`.
+A dataset dict with precomputed proposals ("proposal_boxes", "proposal_objectness_logits")
+also gives, in training and evaluation, "proposals": Instances(image_size=(H', W'),
+proposal_boxes=Boxes [R, 4] (transformed with the image, clipped, empty ones dropped),
+objectness_logits=Tensor[R]), the input of `PrecomputedProposals`.
 Crowd annotations (iscrowd=1) are never targets: they are left out of "instances".
 
 Images are read with `cv2.imread(file, cv2.IMREAD_COLOR)`, which applies the EXIF
@@ -218,6 +222,8 @@ class DatasetMapper:
             "width": dataset_dict["width"],
             "image_id": dataset_dict["image_id"],
         }
+        if "proposal_boxes" in dataset_dict:
+            out["proposals"] = self._proposals(dataset_dict, transforms, image.shape[:2])
         if not (self.is_train or self.instances_in_eval):
             return out
         annotations = [a for a in dataset_dict.get("annotations", []) if not a.get("iscrowd", 0)]
@@ -236,3 +242,20 @@ class DatasetMapper:
             )
         out["instances"] = instances
         return out
+
+    @staticmethod
+    def _proposals(
+        dataset_dict: dict[str, Any], transforms: TransformList, size: tuple[int, int]
+    ) -> Instances:
+        """The dict's precomputed proposals, moved with the image to `size` (H', W')."""
+        boxes = transforms.apply_boxes(np.asarray(dataset_dict["proposal_boxes"], np.float32))
+        boxes = np.ascontiguousarray(boxes.reshape(-1, 4))
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, size[1])
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, size[0])
+        logits = np.asarray(dataset_dict["proposal_objectness_logits"], np.float32)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return Instances(
+            size,
+            proposal_boxes=Boxes(torch.from_numpy(boxes[keep])),
+            objectness_logits=torch.from_numpy(logits[keep]),
+        )
