@@ -33,14 +33,14 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detframe.registry import EVALUATOR_REGISTRY
 from detframe.structures import BitMasks, Instances, bitmask_to_rle, xyxy_to_xywh
+from detframe.utils.comm import gather_to_main_process
 
-__all__ = ["COCO_METRIC_NAMES", "COCOEvaluator", "gather_to_main_process", "load_coco"]
+__all__ = ["COCO_METRIC_NAMES", "COCOEvaluator", "load_coco"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +79,6 @@ def load_coco(ground_truth: str | os.PathLike | COCO) -> COCO:
     coco, printed = _captured(lambda: COCO(os.fspath(ground_truth)))
     logger.debug(printed.strip())
     return coco
-
-
-def gather_to_main_process(items: list[Any]) -> list[Any] | None:
-    """The concatenation of every rank's `items` on rank 0, None on the other ranks.
-
-    Without an initialised process group (or with one process) it returns `items`.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return items
-    is_main = dist.get_rank() == 0
-    gathered: list[Any] | None = [None] * dist.get_world_size() if is_main else None
-    dist.gather_object(items, gathered, dst=0)
-    if not is_main:
-        return None
-    return [item for part in gathered for item in part]
 
 
 def _empty_results(coco_gt: COCO) -> COCO:

@@ -44,8 +44,9 @@ from detframe.structures import (
     pairwise_iou,
     xywh_to_xyxy,
 )
+from detframe.utils.comm import gather_to_main_process
 
-from .coco_evaluation import gather_to_main_process, load_coco
+from .coco_evaluation import load_coco
 
 __all__ = ["AREA_RANGES", "IOU_THRESHOLDS", "ProposalEvaluator", "greedy_matched_ious"]
 

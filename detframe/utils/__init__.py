@@ -1,0 +1,1 @@
+"""Utilities that every layer of detframe may use: process groups (`comm`)."""
