@@ -64,16 +64,28 @@ def test_training_sampler_is_deterministic_and_seed_dependent() -> None:
 
 
 @pytest.mark.parametrize("size", [12, 13])
-def test_training_sampler_ranks_cover_each_index_once_per_epoch(size: int) -> None:
+def test_training_sampler_ranks_interleave_to_the_single_process_stream(size: int) -> None:
     world = 2
-    samplers = [TrainingSampler(size, seed=1, rank=r, world_size=world) for r in range(world)]
-    for epoch in range(3):
-        seen: list[int] = []
-        for sampler in samplers:
-            per_epoch = sampler.per_epoch
-            stream = take(sampler, per_epoch * 3)
-            seen += stream[epoch * per_epoch : (epoch + 1) * per_epoch]
-        assert sorted(seen) == list(range(size))
+    single = take(TrainingSampler(size, seed=1), size * 3)
+    streams = [
+        take(TrainingSampler(size, seed=1, rank=r, world_size=world), 3 * size // 2)
+        for r in range(world)
+    ]
+    interleaved = [index for pair in zip(*streams, strict=True) for index in pair]
+    assert interleaved == single[: len(interleaved)]
+    # so the ranks together see every index exactly once per epoch
+    assert sorted(interleaved[:size]) == list(range(size))
+
+
+def test_training_sampler_keys_depend_on_global_place_only() -> None:
+    single = TrainingSampler(13, seed=4)
+    ranks = [TrainingSampler(13, seed=4, rank=r, world_size=2) for r in range(2)]
+    for position in range(20):
+        for rank, sampler in enumerate(ranks):
+            assert sampler.sample_key(position) == single.sample_key(2 * position + rank)
+    keys = [single.sample_key(p) for p in range(100)]
+    assert len(set(keys)) == 100
+    assert keys != [TrainingSampler(13, seed=5).sample_key(p) for p in range(100)]
 
 
 @pytest.mark.parametrize("size", [10, 11, 1])
@@ -106,7 +118,7 @@ def test_sampler_argument_errors() -> None:
 
 
 def test_aspect_grouping_yields_homogeneous_full_batches() -> None:
-    samples = [*make_dataset(11), None, *make_dataset(7)]
+    samples = list(enumerate([*make_dataset(11), None, *make_dataset(7)]))
     batcher = AspectRatioGroupedBatcher(samples, batch_size=3)
     batches = list(batcher)
     assert batches and all(len(b) == 3 for b in batches)
@@ -117,7 +129,7 @@ def test_aspect_grouping_yields_homogeneous_full_batches() -> None:
     portrait = {"width": 40, "height": 20, "image": torch.zeros(3, 50, 10)}
     assert batcher.group_of(portrait) == 1
     # the plain batcher mixes orientations in arrival order
-    plain = list(Batcher(make_dataset(6), batch_size=3))
+    plain = list(Batcher(enumerate(make_dataset(6)), batch_size=3))
     assert [[s["image_id"] for s in b] for b in plain] == [[0, 1, 2], [3, 4, 5]]
 
 
@@ -205,3 +217,57 @@ def test_train_loader_from_config(tmp_path: Any) -> None:
     loader = build_train_loader_from_config(cfg, make_dataset(8), random_mapper)
     expected = build_train_loader(make_dataset(8), random_mapper, 2, 0, 3, False)
     assert signature(take(loader, 4)) == signature(take(expected, 4))
+
+
+def test_train_loader_same_samples_whatever_the_workers() -> None:
+    dataset = make_dataset(16)
+
+    def run(workers: int) -> list[list[tuple[int, float]]]:
+        loader = build_train_loader(dataset, random_mapper, 2, workers, 7, False)
+        return signature(take(loader, 6))
+
+    assert run(0) == run(2)
+
+
+def test_train_loader_ranks_split_each_step_of_the_single_process_run() -> None:
+    """W ranks of b images per step draw, together, the W * b samples (image and random
+    augmentation) one process with batch W * b draws."""
+    dataset = make_dataset(10)
+    single = signature(take(build_train_loader(dataset, random_mapper, 4, 0, 3, False), 7))
+    ranks = [
+        signature(
+            take(
+                build_train_loader(dataset, random_mapper, 4, 0, 3, False, rank=r, world_size=2), 7
+            )
+        )
+        for r in range(2)
+    ]
+    for step, batch in enumerate(single):
+        assert sorted(batch) == sorted(ranks[0][step] + ranks[1][step])
+
+
+@pytest.mark.parametrize("grouping", [True, False])
+@pytest.mark.parametrize("stop", [1, 3, 4])
+def test_train_loader_resumes_exactly_from_its_state(grouping: bool, stop: int) -> None:
+    # 7 landscape, 6 portrait: with grouping, samples are held back across batches
+    dataset = make_dataset(13)
+    full = signature(take(build_train_loader(dataset, random_mapper, 3, 0, 2, grouping), 10))
+    first = build_train_loader(dataset, random_mapper, 3, 0, 2, grouping)
+    iterator = iter(first)
+    assert signature([next(iterator) for _ in range(stop)]) == full[:stop]
+    state = first.state_dict()
+    if grouping and stop == 3:
+        assert state["pending"], "the case meant to hold samples back holds none"
+    resumed = build_train_loader(dataset, random_mapper, 3, 0, 2, grouping)
+    resumed.load_state_dict(state)
+    assert signature(take(resumed, 10 - stop)) == full[stop:]
+
+
+def test_train_loader_leaves_the_process_rngs_alone() -> None:
+    np.random.seed(11)
+    torch.manual_seed(11)
+    before = np.random.rand(), torch.rand(1).item()
+    np.random.seed(11)
+    torch.manual_seed(11)
+    take(build_train_loader(make_dataset(8), random_mapper, 2, 0, 1, False), 3)
+    assert (np.random.rand(), torch.rand(1).item()) == before

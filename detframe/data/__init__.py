@@ -1,6 +1,11 @@
 """Datasets, loading and transforms."""
 
-from .build import build_test_loader, build_train_loader, build_train_loader_from_config
+from .build import (
+    TrainLoader,
+    build_test_loader,
+    build_train_loader,
+    build_train_loader_from_config,
+)
 from .catalog import (
     DATASETS,
     DatasetCatalog,
@@ -40,6 +45,7 @@ __all__ = [
     "ResizeShortestEdge",
     "ShapeInstance",
     "ShapesConfig",
+    "TrainLoader",
     "TrainingSampler",
     "apply_transforms",
     "build_test_loader",

@@ -1,24 +1,29 @@
 """Training and test data loaders: dataset dicts -> mapper -> batches (lists of mapped dicts).
 
-- `build_train_loader(dataset, mapper, total_batch_size, num_workers, seed, ...)`: an
-  infinite iterable of lists of `total_batch_size / world_size` mapped dicts for this rank.
-  Indices come from a `TrainingSampler`; the mapper runs in the DataLoader workers; samples
-  the mapper returns `None` for are skipped and counted (`loader.num_skipped`).
+- `build_train_loader(dataset, mapper, total_batch_size, num_workers, seed, ...)`: a
+  `TrainLoader`, an infinite iterable of lists of `total_batch_size / world_size` mapped
+  dicts for this rank. Indices come from a `TrainingSampler`; the mapper runs in the
+  DataLoader workers; samples the mapper returns `None` for are skipped and counted
+  (`loader.num_skipped`). `loader.state_dict()` / `load_state_dict()` save and restore the
+  position in the data order, so a resumed run draws exactly the batches an uninterrupted
+  run would have.
 - `build_test_loader(dataset, mapper, num_workers, batch_size)`: a finite iterable of lists
   over this rank's `InferenceSampler` shard; a mapper returning `None` is an error here,
   because evaluation must see every image.
 - `build_train_loader_from_config(cfg, dataset, mapper)`: the one place that reads the
   config keys declared below.
 
-Determinism: given the seed (and rank), the index order, each worker's numpy / `random` /
-torch RNG seeds, and so the mapper's random augmentation, are fixed. Each worker is seeded
-from (seed, rank, worker id); with `num_workers=0` the main process's RNGs are seeded that
-way (worker id 0) each time iteration starts.
+Determinism: the mapper of a training sample runs with numpy's global RNG, `random` and
+torch's CPU RNG seeded from the sample's key (`TrainingSampler.sample_key`: the seed and the
+sample's place in the global data stream), and those RNGs are restored afterwards. So a
+sample's random augmentation depends on neither the worker that maps it, the number of
+workers, the rank or the world size, nor on what ran before; and the loader never changes the
+random state of the process that trains.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detframe.config import declare
 
@@ -39,7 +44,12 @@ from .samplers import (
     resolve_rank,
 )
 
-__all__ = ["build_test_loader", "build_train_loader", "build_train_loader_from_config"]
+__all__ = [
+    "TrainLoader",
+    "build_test_loader",
+    "build_train_loader",
+    "build_train_loader_from_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +70,65 @@ Mapper = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 
 class _MappedDataset(Dataset):
-    """`mapper(dataset[i])`; `None` is returned as is, or is an error if `allow_none` is False."""
+    """`mapper(dataset[i])` for a test loader; the mapper returning `None` is an error."""
 
-    def __init__(self, dataset: Sequence[dict[str, Any]], mapper: Mapper, allow_none: bool) -> None:
+    def __init__(self, dataset: Sequence[dict[str, Any]], mapper: Mapper) -> None:
         self.dataset = dataset
         self.mapper = mapper
-        self.allow_none = allow_none
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         mapped = self.mapper(self.dataset[index])
-        if mapped is None and not self.allow_none:
+        if mapped is None:
             name = self.dataset[index].get("file_name", "?")
             raise ValueError(f"the mapper returned None for test sample {index} ({name})")
         return mapped
+
+
+@contextlib.contextmanager
+def _seeded_rngs(key: int) -> Iterator[None]:
+    """Seeds numpy's global RNG, `random` and torch's CPU RNG from `key`, and restores their
+    states on exit."""
+    states = np.random.get_state(), random.getstate(), torch.get_rng_state()
+    numpy_seed, python_seed = np.random.SeedSequence(key).generate_state(2)
+    np.random.seed(int(numpy_seed))
+    random.seed(int(python_seed))
+    torch.default_generator.manual_seed(key)
+    try:
+        yield
+    finally:
+        np.random.set_state(states[0])
+        random.setstate(states[1])
+        torch.set_rng_state(states[2])
+
+
+class _PositionedSampler(Sampler[tuple[int, int, int]]):
+    """The `(position, index, key)` stream of a TrainingSampler, for a DataLoader."""
+
+    def __init__(self, sampler: TrainingSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return self.sampler.stream()
+
+
+class _TrainingSamples(Dataset):
+    """(position, index, key) -> (position, mapper(dataset[index]) under `_seeded_rngs(key)`);
+    the mapped sample may be `None` (skipped by the batcher)."""
+
+    def __init__(self, dataset: Sequence[dict[str, Any]], mapper: Mapper) -> None:
+        self.dataset = dataset
+        self.mapper = mapper
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> tuple[int, dict[str, Any] | None]:
+        position, index, key = item
+        with _seeded_rngs(key):
+            return position, self.mapper(self.dataset[index])
 
 
 def _identity(batch: Any) -> Any:
@@ -83,21 +136,39 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
-    """Seeds numpy, `random` and torch in this process from (seed, rank, worker_id)."""
-    state = np.random.SeedSequence([seed, rank, worker_id]).generate_state(2)
-    np.random.seed(int(state[0]))
-    random.seed(int(state[1]))
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+class TrainLoader:
+    """Infinite batches for this rank, resumable at any point of the data order.
 
+    Args:
+        sampler: the index stream; repositioned by `load_state_dict`.
+        batcher: groups the DataLoader's positioned samples into batches.
+    """
 
-class _SeededDataLoader(DataLoader):
-    """A DataLoader that, with no workers, seeds the main process as worker 0 on `iter`."""
+    def __init__(self, sampler: TrainingSampler, batcher: Batcher) -> None:
+        self.sampler = sampler
+        self.batcher = batcher
 
-    def __iter__(self) -> Iterator[Any]:
-        if self.num_workers == 0:
-            self.worker_init_fn(0)
-        return super().__iter__()
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return iter(self.batcher)
+
+    @property
+    def batch_size(self) -> int:
+        """Images per batch on this rank."""
+        return self.batcher.batch_size
+
+    @property
+    def num_skipped(self) -> int:
+        """Samples the mapper rejected so far."""
+        return self.batcher.num_skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the data order is: {"next_position", "pending"} (see `Batcher.state_dict`)."""
+        return self.batcher.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Makes the next iteration continue from `state` (call before iterating)."""
+        self.sampler.set_start(state["next_position"], replay=state["pending"])
+        self.batcher.next_position = state["next_position"]
 
 
 def _has_instances(record: dict[str, Any]) -> bool:
@@ -117,7 +188,7 @@ def build_train_loader(
     rank: int | None = None,
     world_size: int | None = None,
     start: int = 0,
-) -> Batcher:
+) -> TrainLoader:
     """An infinite iterable of batches (lists of mapped dicts) for this rank.
 
     Args:
@@ -132,7 +203,7 @@ def build_train_loader(
         start: indices of this rank's sampler stream to skip (see `TrainingSampler`).
 
     Returns:
-        A `Batcher`; its `num_skipped` counts the samples the mapper rejected.
+        A `TrainLoader`; its `num_skipped` counts the samples the mapper rejected.
 
     Raises:
         ValueError: `total_batch_size` not divisible by the world size, or no data left.
@@ -153,22 +224,21 @@ def build_train_loader(
     sampler = TrainingSampler(
         len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start
     )
-    loader = _SeededDataLoader(
-        _MappedDataset(dataset, mapper, allow_none=True),
-        sampler=sampler,
+    loader = DataLoader(
+        _TrainingSamples(dataset, mapper),
+        sampler=_PositionedSampler(sampler),
         batch_size=None,
         collate_fn=_identity,
         num_workers=num_workers,
-        worker_init_fn=functools.partial(_seed_worker, seed, rank),
         generator=torch.Generator().manual_seed(seed),
     )
     batcher = AspectRatioGroupedBatcher if aspect_ratio_grouping else Batcher
-    return batcher(loader, total_batch_size // world_size)
+    return TrainLoader(sampler, batcher(loader, total_batch_size // world_size))
 
 
 def build_train_loader_from_config(
     cfg: DictConfig, dataset: Sequence[dict[str, Any]], mapper: Mapper
-) -> Batcher:
+) -> TrainLoader:
     """`build_train_loader` with SOLVER.IMS_PER_BATCH, DATALOADER.* and SEED from `cfg`.
 
     A null SEED is replaced by a random one, which is logged; with more than one process
@@ -211,7 +281,7 @@ def build_test_loader(
         rank, world_size: this process's shard; default from `torch.distributed`.
     """
     return DataLoader(
-        _MappedDataset(dataset, mapper, allow_none=False),
+        _MappedDataset(dataset, mapper),
         sampler=InferenceSampler(len(dataset), rank=rank, world_size=world_size),
         batch_size=batch_size,
         collate_fn=_identity,

@@ -83,8 +83,8 @@ class DatasetMapper:
         seed: seeds the mapper's own numpy Generator, used when `__call__` gets no rng
             (every data-loader worker then gets a copy of the same stream). None (the
             default) draws each call's Generator from numpy's global state, which the
-            training loader seeds per worker from SEED, rank and worker id: reproducible,
-            and different in every worker.
+            training loader seeds per sample from SEED and the sample's place in the data
+            order: reproducible, and the same whatever the workers, ranks or resumption.
     """
 
     def __init__(

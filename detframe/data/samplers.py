@@ -1,15 +1,21 @@
 """Index samplers for training and inference, and the batchers that group mapped samples.
 
 - `TrainingSampler(size, shuffle, seed, rank, world_size, start)`: an infinite stream of
-  dataset indices for one rank. Epoch `e` is a permutation of `range(size)` drawn from a
-  `torch.Generator` seeded from `(seed, e)`, so the stream depends only on its arguments.
-  Rank `r` of `W` takes elements `r, r + W, r + 2W, ...` of each epoch's permutation, so the
-  ranks together see every index exactly once per epoch.
+  dataset indices for one rank. The *global stream* is the concatenation of one permutation
+  of `range(size)` per epoch, epoch `e` drawn from a `torch.Generator` seeded from
+  `(seed, e)`; rank `r` of `W` takes its elements `r, r + W, r + 2W, ...`. So the ranks
+  together see every index exactly once per epoch, and a step in which each of W ranks takes
+  `b` samples uses the same `W * b` samples as one process taking `W * b`.
+  `stream()` yields `(position, index, key)`: the position in this rank's stream (what
+  resuming counts), the dataset index, and a key (a seed) that depends only on `seed` and the
+  element's place in the global stream, not on the rank or the world size.
 - `InferenceSampler(size, rank, world_size)`: a finite stream covering every index exactly
   once across ranks, in contiguous shards whose sizes differ by at most one.
-- `Batcher(samples, batch_size)`: groups an iterable of mapped samples into lists of
-  `batch_size`, skipping (and counting) `None` samples; `AspectRatioGroupedBatcher` keeps
-  landscape (w >= h) and portrait images in separate groups, so a batch is one or the other.
+- `Batcher(samples, batch_size)`: groups `(position, sample)` pairs into lists of
+  `batch_size` samples, skipping (and counting) `None` samples; `AspectRatioGroupedBatcher`
+  keeps landscape (w >= h) and portrait images in separate groups, so a batch is one or the
+  other. Its `state_dict()` records the next position to draw and the positions it holds in
+  unfilled groups, which is what resuming needs to continue exactly.
 
 `rank` / `world_size` default to `torch.distributed`'s when it is initialised, else 0 / 1.
 Nothing here touches global state.
@@ -17,9 +23,10 @@ Nothing here touches global state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, Sampler
@@ -56,11 +63,10 @@ class TrainingSampler(Sampler[int]):
     """An infinite, deterministic, rank-sharded stream of indices into a dataset of `size`.
 
     Resuming: `start` (or `set_start`) is the number of indices *this rank* has already
-    yielded, i.e. the position in this rank's stream to continue from. A run resumed with
-    `start = n` yields exactly what an uninterrupted run yields after its first `n` indices.
-    A trainer that draws `b` images per iteration per rank without aspect-ratio grouping
-    has consumed `iteration * b`; with grouping the batcher holds some drawn samples back,
-    so the count of samples drawn from the sampler must be recorded instead.
+    yielded, i.e. the position in this rank's stream to continue from, and `replay` lists
+    earlier positions to yield again first (the samples a batcher held back when the run
+    stopped). A run resumed with `start = n` yields exactly what an uninterrupted run yields
+    after its first `n` indices.
     """
 
     def __init__(
@@ -88,15 +94,15 @@ class TrainingSampler(Sampler[int]):
         self.size = size
         self.shuffle = shuffle
         self.seed = seed
-        # Indices per epoch on this rank: len(range(rank, size, world_size)).
-        self.per_epoch = len(range(self.rank, size, self.world_size))
         self.set_start(start)
 
-    def set_start(self, start: int) -> None:
-        """Makes the next iteration begin after the first `start` indices of this rank's stream."""
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
+    def set_start(self, start: int, replay: Sequence[int] = ()) -> None:
+        """Makes the next iteration yield the positions in `replay`, then continue after the
+        first `start` indices of this rank's stream."""
+        if start < 0 or any(not 0 <= p < start for p in replay):
+            raise ValueError(f"start must be >= 0 and replay in [0, start), got {start}, {replay}")
         self.start = start
+        self.replay = list(replay)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The whole permutation of epoch `epoch` (all ranks), int64 `[size]`."""
@@ -106,12 +112,33 @@ class TrainingSampler(Sampler[int]):
         generator.manual_seed(_epoch_seed(self.seed, epoch))
         return torch.randperm(self.size, generator=generator)
 
-    def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, self.per_epoch)
+    def _global(self, position: int) -> int:
+        """The place in the global stream of this rank's `position`."""
+        return self.rank + position * self.world_size
+
+    def sample_key(self, position: int) -> int:
+        """A 64-bit seed for the sample at this rank's `position`, from `seed` and its place
+        in the global stream only."""
+        state = np.random.SeedSequence([self.seed, self._global(position)]).generate_state(2)
+        return int(state[0]) << 32 | int(state[1])
+
+    def stream(self) -> Iterator[tuple[int, int, int]]:
+        """(position, dataset index, sample key) for `replay`, then from `start` on."""
+        for position in self.replay:
+            epoch, offset = divmod(self._global(position), self.size)
+            yield position, int(self.epoch_order(epoch)[offset]), self.sample_key(position)
+        position = self.start
+        epoch, offset = divmod(self._global(position), self.size)
         while True:
-            shard = self.epoch_order(epoch)[self.rank :: self.world_size]
-            yield from shard[offset:].tolist()
-            epoch, offset = epoch + 1, 0
+            order = self.epoch_order(epoch).tolist()
+            while offset < self.size:
+                yield position, order[offset], self.sample_key(position)
+                position += 1
+                offset += self.world_size
+            epoch, offset = epoch + 1, offset - self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for _, index, _ in self.stream())
 
 
 class InferenceSampler(Sampler[int]):
@@ -141,18 +168,21 @@ class InferenceSampler(Sampler[int]):
 
 
 class Batcher(IterableDataset):
-    """Lists of `batch_size` samples from an iterable of mapped samples (dicts or `None`).
+    """Lists of `batch_size` samples from an iterable of `(position, sample)` pairs.
 
+    Positions number the samples in the order they are drawn (see `TrainingSampler`);
     `None` samples (the mapper rejected them) are skipped and counted in `num_skipped`.
     Samples are put in groups by `group_of`; a group is yielded as a batch when it is full.
     This class has one group; subclasses override `group_of`. A partial group left when
     `samples` ends is dropped (training streams are infinite).
     """
 
-    def __init__(self, samples: Iterable[dict[str, Any] | None], batch_size: int) -> None:
+    def __init__(
+        self, samples: Iterable[tuple[int, dict[str, Any] | None]], batch_size: int
+    ) -> None:
         """
         Args:
-            samples: the mapped samples, e.g. a DataLoader with `batch_size=None`.
+            samples: the positioned, mapped samples, e.g. a DataLoader with `batch_size=None`.
             batch_size: samples per yielded list; >= 1.
         """
         if batch_size < 1:
@@ -160,22 +190,32 @@ class Batcher(IterableDataset):
         self.samples = samples
         self.batch_size = batch_size
         self.num_skipped = 0
+        self.next_position = 0
+        self._groups: dict[int, list[tuple[int, dict[str, Any]]]] = {}
 
     def group_of(self, sample: dict[str, Any]) -> int:
         """The group a sample belongs to; batches hold samples of one group."""
         return 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """{"next_position": one past the last position drawn, "pending": the positions
+        held in unfilled groups, in the order they were drawn}."""
+        pending = sorted(p for group in self._groups.values() for p, _ in group)
+        return {"next_position": self.next_position, "pending": pending}
+
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        groups: dict[int, list[dict[str, Any]]] = {}
-        for sample in self.samples:
+        self._groups = {}
+        for position, sample in self.samples:
+            self.next_position = max(self.next_position, position + 1)
             if sample is None:
                 self.num_skipped += 1
                 continue
-            group = groups.setdefault(self.group_of(sample), [])
-            group.append(sample)
+            group = self._groups.setdefault(self.group_of(sample), [])
+            group.append((position, sample))
             if len(group) == self.batch_size:
-                yield group[:]
+                batch = [s for _, s in group]
                 group.clear()
+                yield batch
 
 
 class AspectRatioGroupedBatcher(Batcher):
