@@ -57,6 +57,7 @@ from detframe.registry import (
     build,
 )
 from detframe.structures import Boxes, ImageList, Instances, pairwise_iou
+from detframe.utils.comm import average_over_ranks
 
 from ..anchors import DefaultAnchorGenerator  # noqa: F401  (declares MODEL.ANCHOR_GENERATOR.*)
 from ..box_coder import Box2BoxTransform
@@ -257,7 +258,8 @@ class RPN(nn.Module):
         smooth_l1_beta: beta of the box loss; 0 gives L1.
         loss_weight: factor of both losses.
         loss_normalizer: "batch_size" (batch_size_per_image * N) or "sampled" (anchors sampled
-            in the batch).
+            in the batch; in training, averaged over the ranks of a distributed run, so that
+            data-parallel training computes the gradients of the whole batch).
     """
 
     def __init__(
@@ -461,6 +463,8 @@ class RPN(nn.Module):
         )
         if self.loss_normalizer == "batch_size":
             normalizer = float(self.batch_size_per_image * num_images)
+        elif self.training:
+            normalizer = average_over_ranks(valid.sum())
         else:
             normalizer = float(max(int(valid.sum()), 1))
         scale = self.loss_weight / normalizer

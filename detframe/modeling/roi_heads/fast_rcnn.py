@@ -31,6 +31,7 @@ from torchvision.ops import batched_nms
 from detframe.config import declare
 from detframe.layers.losses import giou_loss, smooth_l1_loss
 from detframe.structures import Boxes, Instances
+from detframe.utils.comm import average_over_ranks
 
 from ..box_coder import Box2BoxTransform
 
@@ -176,16 +177,17 @@ class FastRCNNOutputLayers(nn.Module):
         Returns:
             {"loss_cls": cross-entropy averaged over the R ROIs, "loss_box_reg": the box loss
             summed over foreground ROIs (deltas of their gt class) and divided by R}; both 0
-            (with gradients) when R is 0.
+            (with gradients) when R is 0. In training mode R is averaged over the ranks of a
+            distributed run (`average_over_ranks`), so that data-parallel training computes
+            the gradients of the whole batch.
         """
         scores, deltas = predictions
         gt_classes = torch.cat([p.gt_classes for p in proposals])
         proposal_boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
         gt_boxes = torch.cat([p.gt_boxes.tensor for p in proposals])
-        if gt_classes.numel() == 0:
-            zero = scores.sum() * 0.0 + deltas.sum() * 0.0
-            return {"loss_cls": zero, "loss_box_reg": zero}
-        loss_cls = F.cross_entropy(scores, gt_classes, reduction="mean")
+        count = torch.tensor(gt_classes.numel(), device=scores.device)
+        normalizer = average_over_ranks(count) if self.training else count.clamp(min=1)
+        loss_cls = F.cross_entropy(scores, gt_classes, reduction="sum") / normalizer
 
         fg = torch.nonzero((gt_classes >= 0) & (gt_classes < self.num_classes)).squeeze(1)
         if self.cls_agnostic_bbox_reg:
@@ -200,7 +202,7 @@ class FastRCNNOutputLayers(nn.Module):
         else:
             fg_pred_boxes = self.box2box_transform.apply_deltas(fg_deltas, fg_proposals)
             loss_box = giou_loss(fg_pred_boxes, fg_gt_boxes, reduction="sum")
-        return {"loss_cls": loss_cls, "loss_box_reg": loss_box / gt_classes.numel()}
+        return {"loss_cls": loss_cls, "loss_box_reg": loss_box / normalizer}
 
     def predict_boxes(
         self, predictions: tuple[Tensor, Tensor], proposals: Sequence[Instances]

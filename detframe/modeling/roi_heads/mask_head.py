@@ -37,6 +37,7 @@ from detframe.layers import ShapeSpec, roi_align
 from detframe.layers.batch_norm import get_norm
 from detframe.registry import ROI_MASK_HEAD_REGISTRY
 from detframe.structures import BitMasks, Instances, PolygonMasks
+from detframe.utils.comm import average_over_ranks
 
 __all__ = [
     "MaskRCNNConvUpsampleHead",
@@ -157,6 +158,7 @@ class MaskRCNNConvUpsampleHead(nn.Module):
             gt_masks,
             target_aligned=self.target_aligned,
             binary_targets=self.binary_targets,
+            across_ranks=self.training,
         )
         return {"loss_mask": loss}
 
@@ -177,6 +179,7 @@ def mask_rcnn_loss(
     *,
     target_aligned: bool = True,
     binary_targets: bool = True,
+    across_ranks: bool = False,
 ) -> Tensor:
     """Mean per-pixel binary cross-entropy on the gt class's channel.
 
@@ -187,6 +190,9 @@ def mask_rcnn_loss(
             instance in that image's `gt_masks`); `image_size` is the gt masks' (H, W).
         gt_masks: per image, its G gt masks.
         target_aligned, binary_targets: how targets are made (see the module docstring).
+        across_ranks: average the pixel count over the ranks of a distributed run
+            (`average_over_ranks`; every rank must then call this), so that data-parallel
+            training computes the gradients of the whole batch.
 
     Returns:
         A scalar; 0 (with gradients) when R is 0.
@@ -209,6 +215,8 @@ def mask_rcnn_loss(
                 binary=binary_targets,
             )
         )
+    count = torch.tensor(sum(t.numel() for t in targets), device=pred_mask_logits.device)
+    normalizer = average_over_ranks(count) if across_ranks else count.clamp(min=1)
     if not targets:
         return pred_mask_logits.sum() * 0.0
     target = torch.cat(targets).to(pred_mask_logits.device)
@@ -224,7 +232,7 @@ def mask_rcnn_loss(
             f"pred_mask_logits hold {tuple(logits.shape)} masks but the proposals give "
             f"{tuple(target.shape)} targets"
         )
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="mean")
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / normalizer
 
 
 def mask_targets(
