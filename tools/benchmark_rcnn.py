@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +46,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from detframe.config import load_config
 from detframe.modeling import build_model, convert_torchvision_detection
 from detframe.structures import BitMasks, Boxes, Instances
+from detframe.utils.profiling import StageTimes
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/torchvision/maskrcnn_resnet50_fpn.yaml"
 IMAGE_H, IMAGE_W, MIN_SIZE, MAX_SIZE = 480, 640, 800, 1333
@@ -120,41 +120,6 @@ def detframe_training_input(image: Tensor, boxes: Tensor, labels: Tensor, masks:
     return {"image": resized, "height": IMAGE_H, "width": IMAGE_W, "instances": instances}
 
 
-class StageTimes:
-    """Adds up the wall time spent in named stages (module forwards or wrapped methods)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._start: dict[str, float] = {}
-
-    def hook_module(self, module: nn.Module, stage: str) -> None:
-        module.register_forward_pre_hook(lambda *_: self._begin(stage))
-        module.register_forward_hook(lambda *_: self._end(stage))
-
-    def wrap_method(self, obj: Any, name: str, stage: str) -> None:
-        method = getattr(obj, name)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.stage(stage):
-                return method(*args, **kwargs)
-
-        setattr(obj, name, timed)
-
-    @contextmanager
-    def stage(self, stage: str) -> Iterator[None]:
-        self._begin(stage)
-        try:
-            yield
-        finally:
-            self._end(stage)
-
-    def _begin(self, stage: str) -> None:
-        self._start[stage] = time.perf_counter()
-
-    def _end(self, stage: str) -> None:
-        self.seconds[stage] += time.perf_counter() - self._start.pop(stage)
-
-
 def instrument(tv_model: nn.Module, df_model: nn.Module) -> tuple[StageTimes, StageTimes]:
     tv_times, df_times = StageTimes(), StageTimes()
     tv_times.hook_module(tv_model.transform, "preprocess")
@@ -183,7 +148,7 @@ def measure(
     for fn in runs.values():
         fn()
     for times in stage_times:
-        times.seconds.clear()
+        times.reset()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, fn in runs.items():

@@ -47,13 +47,10 @@ declare("DATASETS.TRAIN", list[str], [], "names in DATASET_REGISTRY to train on"
 declare("DATASETS.TEST", list[str], [], "names in DATASET_REGISTRY to evaluate on")
 declare("DATALOADER.NUM_WORKERS", int, 4, "data-loading worker processes per training process")
 
-# Solver.
-declare("SOLVER.BASE_LR", float, 0.02, "learning rate at IMS_PER_BATCH images per iteration")
+# Solver: read by the data loader and the trainer; the optimizer's and the learning-rate
+# schedule's keys are in detframe/engine/.
 declare("SOLVER.IMS_PER_BATCH", int, 16, "images per iteration, summed over all processes")
 declare("SOLVER.MAX_ITER", int, 90000, "number of training iterations")
-declare("SOLVER.STEPS", list[int], [60000, 80000], "iterations at which the learning rate drops")
-declare("SOLVER.GAMMA", float, 0.1, "factor the learning rate is multiplied by at each step")
-declare("SOLVER.WARMUP_ITERS", int, 1000, "iterations of linear learning-rate warmup")
 
 # Run.
 declare("SEED", int | None, None, "random seed; null picks one at random (and logs it)")

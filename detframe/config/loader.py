@@ -130,7 +130,7 @@ def _parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
 # detframe's own packages that declare config keys next to their code. They are imported
 # (lazily: they import detframe.config themselves) before any config is validated or the
 # schema printed, so the schema is complete whoever calls load_config.
-BUILTIN_COMPONENTS = ("detframe.data", "detframe.modeling")
+BUILTIN_COMPONENTS = ("detframe.data", "detframe.modeling", "detframe.engine")
 
 
 def import_builtin_components() -> None:

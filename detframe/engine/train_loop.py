@@ -1,0 +1,207 @@
+"""The training loop: a trainer that runs steps, and hooks that act around them.
+
+    trainer.train(start_iter, max_iter)
+        hook.before_train()                 for every hook, in order
+        for trainer.iter in start_iter .. max_iter - 1:
+            hook.before_step()
+            trainer.run_step()              one batch: forward, losses, backward, update
+            hook.after_step()
+        hook.after_train()                  also when a step raised (hooks release files)
+
+Conventions:
+
+- `trainer.iter` is the 0-based iteration being run; after a complete run it is `max_iter`,
+  after a failed one it is the iteration that failed, so `after_train` can tell the two apart
+  (`trainer.completed`).
+- `trainer.metrics` is what the step just measured, a flat {name: float}: every loss term,
+  "total_loss" and "data_time", averaged over all ranks; hooks add theirs ("time", "lr",
+  "max_memory_mb") and the writer hook logs them. Nothing else is shared: no global storage.
+- A loss that is NaN or infinite stops training before the weights are touched, with a
+  `FloatingPointError` naming the iteration and the loss terms; checkpoints written before it
+  are left as they were.
+- Mixed precision: with `amp=True` the forward runs under `torch.autocast` in bfloat16 on the
+  CPU and float16 on CUDA, where a `torch.amp.GradScaler` scales the loss; gradients are
+  unscaled before clipping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detframe.utils.comm import mean_over_ranks
+
+__all__ = ["HookBase", "SimpleTrainer", "TrainerBase"]
+
+logger = logging.getLogger(__name__)
+
+GradientClipper = Callable[[Iterable[nn.Parameter]], Any]
+
+
+class HookBase:
+    """Code run around the steps of a trainer; override any of the four methods.
+
+    A hook reaches the trainer as `self.trainer` (set by `TrainerBase.register_hooks`).
+    """
+
+    trainer: TrainerBase
+
+    def before_train(self) -> None:
+        """Called once before the first step."""
+
+    def after_train(self) -> None:
+        """Called once after the last step, or after a step raised."""
+
+    def before_step(self) -> None:
+        """Called before each step."""
+
+    def after_step(self) -> None:
+        """Called after each step."""
+
+
+class TrainerBase:
+    """Runs `run_step` from `start_iter` to `max_iter` with hooks around it (module docstring).
+
+    Subclasses implement `run_step`, which sets `self.metrics`.
+    """
+
+    def __init__(self) -> None:
+        self.hooks: list[HookBase] = []
+        self.iter = 0
+        self.start_iter = 0
+        self.max_iter = 0
+        self.metrics: dict[str, float] = {}
+
+    def register_hooks(self, hooks: Sequence[HookBase | None]) -> None:
+        """Appends hooks (None entries are skipped); they run in the order registered."""
+        for hook in hooks:
+            if hook is not None:
+                hook.trainer = self
+                self.hooks.append(hook)
+
+    @property
+    def completed(self) -> bool:
+        """Whether `train` ran every iteration up to `max_iter`."""
+        return self.iter >= self.max_iter
+
+    def train(self, start_iter: int, max_iter: int) -> None:
+        """Runs iterations start_iter .. max_iter - 1.
+
+        Raises:
+            ValueError: start_iter > max_iter.
+            FloatingPointError: a non-finite loss (see the module docstring).
+        """
+        if start_iter > max_iter:
+            raise ValueError(f"start_iter {start_iter} is beyond max_iter {max_iter}")
+        logger.info("Starting training from iteration %d to %d", start_iter, max_iter)
+        self.iter = self.start_iter = start_iter
+        self.max_iter = max_iter
+        try:
+            for hook in self.hooks:
+                hook.before_train()
+            for self.iter in range(start_iter, max_iter):
+                for hook in self.hooks:
+                    hook.before_step()
+                self.run_step()
+                for hook in self.hooks:
+                    hook.after_step()
+            self.iter = max_iter
+        finally:
+            for hook in self.hooks:
+                hook.after_train()
+
+    def run_step(self) -> None:
+        raise NotImplementedError
+
+
+class SimpleTrainer(TrainerBase):
+    """One step = one batch from `data_loader` through `model`, then an optimizer update.
+
+    Args:
+        model: in training mode, `model(batch)` returns {loss name: scalar Tensor}; may be
+            wrapped in DistributedDataParallel.
+        data_loader: an iterable of batches (lists of model inputs); iterated once, lazily.
+        optimizer: updates the model's parameters.
+        grad_clipper: called with the parameters after backward (and unscaling), e.g.
+            `functools.partial(torch.nn.utils.clip_grad_norm_, max_norm=1.0)`; None to skip.
+        amp: mixed precision (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_loader: Iterable[Any],
+        optimizer: torch.optim.Optimizer,
+        *,
+        grad_clipper: GradientClipper | None = None,
+        amp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.data_loader = data_loader
+        self.optimizer = optimizer
+        self.grad_clipper = grad_clipper
+        self.amp = amp
+        self.device_type = next(model.parameters()).device.type
+        self.grad_scaler = (
+            torch.amp.GradScaler("cuda") if amp and self.device_type == "cuda" else None
+        )
+        self._data_iter: Iterator[Any] | None = None
+
+    def run_step(self) -> None:
+        """Fetches a batch, computes the losses, checks them, and updates the weights."""
+        start = time.perf_counter()
+        if self._data_iter is None:
+            self._data_iter = iter(self.data_loader)
+        batch = next(self._data_iter)
+        data_time = time.perf_counter() - start
+
+        with torch.autocast(self.device_type, dtype=self._amp_dtype(), enabled=self.amp):
+            loss_dict = self.model(batch)
+        total = sum(loss_dict.values())
+        self.metrics = self._reduce_metrics(loss_dict, data_time)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scaler is None:
+            total.backward()
+            self._clip_gradients()
+            self.optimizer.step()
+        else:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            self._clip_gradients()
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+
+    def _amp_dtype(self) -> torch.dtype:
+        return torch.float16 if self.device_type == "cuda" else torch.bfloat16
+
+    def _reduce_metrics(self, loss_dict: dict[str, Tensor], data_time: float) -> dict[str, float]:
+        """The losses and data time averaged over ranks; raises on a non-finite loss.
+
+        Every rank sees the same averaged values, so all of them stop together.
+        """
+        values = {name: float(loss.detach()) for name, loss in loss_dict.items()}
+        metrics = mean_over_ranks({**values, "data_time": data_time})
+        losses = {name: metrics[name] for name in loss_dict}
+        metrics["total_loss"] = sum(losses.values())
+        bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        if bad:
+            terms = ", ".join(f"{name} = {value}" for name, value in sorted(bad.items()))
+            raise FloatingPointError(
+                f"Loss became non-finite at iteration {self.iter}: {terms} (all losses: "
+                f"{losses}). Training stopped before updating the weights; the last checkpoint "
+                "written is intact. Lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or "
+                "enable SOLVER.CLIP_GRADIENTS."
+            )
+        return metrics
+
+    def _clip_gradients(self) -> None:
+        if self.grad_clipper is not None:
+            self.grad_clipper(p for p in self.model.parameters() if p.grad is not None)

@@ -1,0 +1,289 @@
+"""Trainer: the standard training run of a config, assembled from its parts.
+
+    cfg = default_setup(load_config("configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml"))
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()          # {"bbox": {"AP": ...}, "segm": {...}} on rank 0
+
+What it builds (each in one overridable classmethod): the model (`build_model`, with
+MODEL.WEIGHTS), the optimizer (`build_optimizer`, SOLVER.*), the training data
+(`build_train_loader`: DATASETS.TRAIN through a training DatasetMapper), the learning-rate
+schedule, the checkpointer, and the hooks: step time and memory, the schedule, evaluation
+every TEST.EVAL_PERIOD iterations and at the end (`test`: every dataset of DATASETS.TEST with
+its evaluator), checkpoints every SOLVER.CHECKPOINT_PERIOD iterations, and metrics written
+every LOG_PERIOD iterations to the console, OUTPUT_DIR/metrics.jsonl and TensorBoard.
+
+Distributed runs: the model is wrapped in DistributedDataParallel; SOLVER.IMS_PER_BATCH is
+the total number of images per iteration summed over all processes (each takes
+IMS_PER_BATCH / world size), as in detectron2, so a config means the same optimisation
+whatever the number of processes. Metrics are averaged over the ranks; rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from detframe.config import declare
+from detframe.data import (
+    DATASETS,
+    DatasetMapper,
+    TrainLoader,
+    build_test_loader,
+    build_train_loader_from_config,
+    register_from_config,
+)
+from detframe.evaluation import COCOEvaluator, inference_on_dataset
+from detframe.modeling import build_model
+from detframe.utils.comm import (
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    synchronize,
+)
+
+from .checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from .hooks import EvalHook, LRScheduler, PeriodicCheckpointer, StepMonitor
+from .lr_scheduler import build_lr_scheduler
+from .optimizer import build_grad_clipper, build_optimizer
+from .train_loop import HookBase, SimpleTrainer
+from .writers import PeriodicWriter, default_writers
+
+__all__ = ["RESULTS_FILE_NAME", "Trainer", "load_datasets"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE_NAME = "results.json"
+
+declare("SOLVER.CHECKPOINT_PERIOD", int, 5000, "iterations between checkpoints")
+declare("SOLVER.CHECKPOINTS_TO_KEEP", int, 3, "periodic checkpoints kept (model_final.pth too)")
+declare(
+    "SOLVER.AMP.ENABLED",
+    bool,
+    False,
+    "mixed precision: bfloat16 autocast on the CPU, float16 with loss scaling on CUDA",
+)
+declare("TEST.EVAL_PERIOD", int, 0, "iterations between evaluations; 0: only after training")
+declare("TEST.VALIDATION_LOSS", bool, False, "also compute the losses on DATASETS.TEST")
+declare("TEST.IMS_PER_BATCH", int, 1, "images per inference batch, per process")
+declare("LOG_PERIOD", int, 20, "iterations between metric lines, metrics.jsonl and TensorBoard")
+
+
+def load_datasets(names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """The dataset dicts of `names` from the catalog. Rank 0 loads first (which generates
+    or caches a dataset, e.g. the shapes splits), then the other ranks.
+
+    Raises:
+        ValueError: `names` is empty.
+    """
+    if not names:
+        raise ValueError("no dataset named: set DATASETS.TRAIN / DATASETS.TEST in the config")
+    datasets = {}
+    if is_main_process():
+        datasets = {name: DATASETS.get(name) for name in names}
+    synchronize()
+    if not is_main_process():
+        datasets = {name: DATASETS.get(name) for name in names}
+    return datasets
+
+
+class Trainer(SimpleTrainer):
+    """The standard training run of `cfg` (see the module docstring).
+
+    Args:
+        cfg: the effective config, as `default_setup` returns it (SEED resolved).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        register_from_config(cfg)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        super().__init__(
+            self._data_parallel(model),
+            data_loader,
+            optimizer,
+            grad_clipper=build_grad_clipper(cfg),
+            amp=cfg.SOLVER.AMP.ENABLED,
+        )
+        self.cfg = cfg
+        self.data_loader: TrainLoader = data_loader
+        self.scheduler = build_lr_scheduler(cfg, optimizer)
+        checkpointables: dict[str, Any] = {"optimizer": optimizer, "scheduler": self.scheduler}
+        if self.grad_scaler is not None:
+            checkpointables["grad_scaler"] = self.grad_scaler
+        self.checkpointer = Checkpointer(
+            model, cfg.OUTPUT_DIR, save_to_disk=is_main_process(), **checkpointables
+        )
+        self.start_iter = 0
+
+    @staticmethod
+    def _data_parallel(model: nn.Module) -> nn.Module:
+        if get_world_size() == 1:
+            return model
+        device = next(model.parameters()).device
+        return DistributedDataParallel(
+            model,
+            device_ids=[device.index if device.index is not None else get_local_rank()]
+            if device.type == "cuda"
+            else None,
+            broadcast_buffers=False,
+        )
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """With `resume` and a checkpoint in OUTPUT_DIR, continues from it exactly: weights,
+        optimizer, schedule, iteration, random states and data position. Otherwise training
+        starts at iteration 0 from the weights `build_model` loaded (MODEL.WEIGHTS)."""
+        if not (resume and self.checkpointer.has_checkpoint()):
+            self.start_iter = 0
+            return
+        state = self.checkpointer.load_for_resume()
+        self.start_iter = int(state["iteration"]) + 1
+        ranks = state["ranks"]
+        if len(ranks) == get_world_size():
+            own = ranks[get_rank()]
+            restore_rng_state(own["rng"])
+            self.data_loader.load_state_dict(own["data"])
+        else:
+            # Another world size: continue the global data stream where it was (roughly:
+            # samples held back in unfilled batches are skipped); the random states differ.
+            drawn = sum(r["data"]["next_position"] for r in ranks)
+            self.data_loader.load_state_dict(
+                {"next_position": drawn // get_world_size(), "pending": []}
+            )
+            logger.warning(
+                "The checkpoint was written by %d processes and this run has %d: resuming at "
+                "iteration %d, but not exactly (random states and batch composition differ)",
+                len(ranks),
+                get_world_size(),
+                self.start_iter,
+            )
+        logger.info("Resuming at iteration %d", self.start_iter)
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's random states and data position, for a checkpoint."""
+        return {"rng": capture_rng_state(), "data": self.data_loader.state_dict()}
+
+    def build_hooks(self) -> list[HookBase]:
+        """StepMonitor, LRScheduler, EvalHook, PeriodicCheckpointer, PeriodicWriter."""
+        cfg = self.cfg
+        writer = PeriodicWriter(
+            default_writers(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER, self.start_iter),
+            period=cfg.LOG_PERIOD,
+        )
+        self.eval_hook = EvalHook(
+            cfg.TEST.EVAL_PERIOD,
+            lambda: self.test(cfg, self.model_without_ddp),
+            on_results=writer.write_results,
+        )
+        return [
+            StepMonitor(next(self.model.parameters()).device),
+            LRScheduler(self.optimizer, self.scheduler),
+            self.eval_hook,
+            PeriodicCheckpointer(
+                self.checkpointer,
+                cfg.SOLVER.CHECKPOINT_PERIOD,
+                self.rank_state,
+                keep=cfg.SOLVER.CHECKPOINTS_TO_KEEP,
+            ),
+            writer,
+        ]
+
+    @property
+    def model_without_ddp(self) -> nn.Module:
+        """The model itself, without its DistributedDataParallel wrapper."""
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def train(self) -> Mapping[str, Any]:  # type: ignore[override]
+        """Trains from `start_iter` (see `resume_or_load`) to SOLVER.MAX_ITER; returns the
+        final evaluation's results on rank 0 ({} on the others, or if nothing was run)."""
+        self.register_hooks(self.build_hooks())
+        super().train(self.start_iter, self.cfg.SOLVER.MAX_ITER)
+        return self.eval_hook.latest
+
+    @classmethod
+    def build_model(cls, cfg: DictConfig) -> nn.Module:
+        """`detframe.modeling.build_model` (MODEL.WEIGHTS loaded), logged."""
+        model = build_model(cfg)
+        parameters = sum(p.numel() for p in model.parameters())
+        logger.info("Model %s with %.2fM parameters", type(model).__name__, parameters / 1e6)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: DictConfig) -> TrainLoader:
+        """DATASETS.TRAIN (concatenated) through a training DatasetMapper."""
+        datasets = load_datasets(list(cfg.DATASETS.TRAIN))
+        dicts = [record for records in datasets.values() for record in records]
+        mapper = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True))
+        return build_train_loader_from_config(cfg, dicts, mapper)
+
+    @classmethod
+    def build_evaluator(
+        cls, cfg: DictConfig, dataset_name: str, output_dir: str | None = None
+    ) -> COCOEvaluator:
+        """COCO box (and, with MODEL.MASK_ON, mask) AP on the dataset's ground truth."""
+        metadata = DATASETS.metadata(dataset_name)
+        if metadata.get("evaluator_type") != "coco":
+            raise ValueError(
+                f"dataset {dataset_name!r} has evaluator type {metadata.get('evaluator_type')!r}"
+                "; override Trainer.build_evaluator to evaluate it"
+            )
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return COCOEvaluator(
+            metadata["json_file"],
+            tasks=tasks,
+            contiguous_to_dataset_id=metadata["contiguous_id_to_dataset_id"],
+            output_dir=output_dir,
+        )
+
+    @classmethod
+    def test(cls, cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
+        """Evaluates `model` on every dataset of DATASETS.TEST (with validation losses when
+        TEST.VALIDATION_LOSS). Results, on rank 0, are one dataset's as `inference_on_dataset`
+        returns them, or {dataset name: results} for several; they are also written to
+        OUTPUT_DIR/inference/<dataset>/results.json."""
+        register_from_config(cfg)
+        datasets = load_datasets(list(cfg.DATASETS.TEST))
+        mapper = DatasetMapper(
+            **DatasetMapper.from_config(cfg, is_train=False),
+            instances_in_eval=cfg.TEST.VALIDATION_LOSS,
+        )
+        results: dict[str, Any] = {}
+        for name, dicts in datasets.items():
+            output_dir = Path(cfg.OUTPUT_DIR) / "inference" / name
+            loader = build_test_loader(
+                dicts, mapper, cfg.DATALOADER.NUM_WORKERS, cfg.TEST.IMS_PER_BATCH
+            )
+            evaluator_dir = str(output_dir) if is_main_process() else None
+            evaluator = cls.build_evaluator(cfg, name, evaluator_dir)
+            results[name] = inference_on_dataset(
+                model, loader, evaluator, validation_loss=cfg.TEST.VALIDATION_LOSS
+            )
+            if is_main_process():
+                output_dir.mkdir(parents=True, exist_ok=True)
+                text = json.dumps(_nan_to_none(results[name]), indent=1, allow_nan=False)
+                (output_dir / RESULTS_FILE_NAME).write_text(text + "\n")
+        return results[next(iter(results))] if len(results) == 1 else results
+
+
+def _nan_to_none(value: Any) -> Any:
+    """`value` with NaN and infinite floats (undefined COCO metrics) as None, for strict JSON."""
+    if isinstance(value, Mapping):
+        return {key: _nan_to_none(v) for key, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
