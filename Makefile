@@ -2,7 +2,7 @@
 # the virtual environment in $(VENV), installs the pinned dependencies and builds the
 # compiled operators first, so each works on a fresh clone.
 #
-#   make main        the main job (for now: the operator benchmark)
+#   make main        the quickstart: train a Mask R-CNN on the shapes data, evaluate, draw
 #   make test        lint, CUDA compile-and-link check, then the whole test suite
 #   make bench       tools/benchmark_ops.py
 #   make lint        ruff check + ruff format --check
@@ -19,7 +19,8 @@ export MAX_JOBS ?= 2
 
 .PHONY: main bench test pytest lint format install cuda-check clean
 
-main: bench
+main: install
+	DETFRAME=$(VENV)/bin/detframe tools/quickstart.sh $(QUICKSTART_ARGS)
 
 # Pinned dependencies and the package itself (editable, not yet compiled), re-installed when
 # the lock or the project metadata changes.
