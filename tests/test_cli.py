@@ -35,6 +35,10 @@ def test_train_eval_demo_benchmark_and_plot(
     assert [r["iteration"] for r in steps if "total_loss" in r] == [0, 1, 2, 3, 4]
     capsys.readouterr()
 
+    # --eval-only --resume evaluates the last checkpoint of the run
+    assert cli.main(["train", *config, "--eval-only", "--resume"]) == 0
+    assert "| bbox |" in capsys.readouterr().out
+
     weights = str(run / "model_final.pth")
     assert (
         cli.main(["eval", *config, "--weights", weights, "--output-dir", str(tmp_path / "e")]) == 0

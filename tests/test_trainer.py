@@ -149,3 +149,14 @@ def test_a_null_seed_is_resolved_and_saved(tiny_shapes: list[str], tmp_path: Pat
     resolved = default_setup(cfg)
     assert isinstance(resolved.SEED, int)
     assert load_config(tmp_path / "config.yaml").SEED == resolved.SEED
+
+
+@pytest.mark.slow
+def test_without_test_datasets_training_runs_and_evaluates_nothing(
+    tiny_shapes: list[str], tmp_path: Path
+) -> None:
+    trainer = _trainer(tiny_shapes, tmp_path, "SOLVER.MAX_ITER=2", "DATASETS.TEST=[]")
+    trainer.resume_or_load(resume=False)
+    assert trainer.train() == {}
+    assert (tmp_path / "model_final.pth").is_file()
+    assert not (tmp_path / "inference").exists()

@@ -33,6 +33,7 @@ from torch import nn
 from detframe.data.transforms import ResizeShortestEdge, apply_transforms
 from detframe.evaluation.inference import inference_context
 from detframe.structures import Instances
+from detframe.utils.visualizer import check_image
 
 __all__ = ["Predictor", "read_image"]
 
@@ -94,18 +95,7 @@ class Predictor:
         Raises:
             ValueError: `image` is not an [H, W, 3] uint8 array.
         """
-        if not (
-            isinstance(image, np.ndarray)
-            and image.dtype == np.uint8
-            and image.ndim == 3
-            and image.shape[2] == 3
-        ):
-            described = (
-                f"{image.dtype} array of shape {image.shape}"
-                if isinstance(image, np.ndarray)
-                else type(image).__name__
-            )
-            raise ValueError(f"image must be a [H, W, 3] uint8 BGR array, got a {described}")
+        check_image(image)
         height, width = image.shape[:2]
         if self.image_format == "RGB":
             image = np.ascontiguousarray(image[:, :, ::-1])

@@ -126,6 +126,7 @@ class Trainer(SimpleTrainer):
             model, cfg.OUTPUT_DIR, save_to_disk=is_main_process(), **checkpointables
         )
         self.start_iter = 0
+        self.eval_hook: EvalHook | None = None
 
     @staticmethod
     def _data_parallel(model: nn.Module) -> nn.Module:
@@ -175,17 +176,19 @@ class Trainer(SimpleTrainer):
         return {"rng": capture_rng_state(), "data": self.data_loader.state_dict()}
 
     def build_hooks(self) -> list[HookBase]:
-        """StepMonitor, LRScheduler, EvalHook, PeriodicCheckpointer, PeriodicWriter."""
+        """StepMonitor, LRScheduler, EvalHook (when DATASETS.TEST names datasets),
+        PeriodicCheckpointer, PeriodicWriter."""
         cfg = self.cfg
         writer = PeriodicWriter(
             default_writers(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER, self.start_iter),
             period=cfg.LOG_PERIOD,
         )
-        self.eval_hook = EvalHook(
-            cfg.TEST.EVAL_PERIOD,
-            lambda: self.test(cfg, self.model_without_ddp),
-            on_results=writer.write_results,
-        )
+        if cfg.DATASETS.TEST:
+            self.eval_hook = EvalHook(
+                cfg.TEST.EVAL_PERIOD,
+                lambda: self.test(cfg, self.model_without_ddp),
+                on_results=writer.write_results,
+            )
         return [
             StepMonitor(next(self.model.parameters()).device),
             LRScheduler(self.optimizer, self.scheduler),
@@ -206,10 +209,11 @@ class Trainer(SimpleTrainer):
 
     def train(self) -> Mapping[str, Any]:  # type: ignore[override]
         """Trains from `start_iter` (see `resume_or_load`) to SOLVER.MAX_ITER; returns the
-        final evaluation's results on rank 0 ({} on the others, or if nothing was run)."""
+        final evaluation's results on rank 0 ({} on the others, without DATASETS.TEST, or if
+        nothing was run)."""
         self.register_hooks(self.build_hooks())
         super().train(self.start_iter, self.cfg.SOLVER.MAX_ITER)
-        return self.eval_hook.latest
+        return self.eval_hook.latest if self.eval_hook is not None else {}
 
     @classmethod
     def build_model(cls, cfg: DictConfig) -> nn.Module:

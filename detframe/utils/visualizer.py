@@ -36,7 +36,7 @@ from torch import Tensor
 
 from detframe.structures import BitMasks, Instances
 
-__all__ = ["class_color", "draw_instances"]
+__all__ = ["check_image", "class_color", "draw_instances"]
 
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 # Saturation and brightness cycle with periods 3 and 2, so ids with similar hues (i and
@@ -63,7 +63,8 @@ def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 127.5 else (255, 255, 255)
 
 
-def _check_image(image: np.ndarray) -> None:
+def check_image(image: np.ndarray) -> None:
+    """Raises ValueError unless `image` is an [H, W, 3] uint8 array (BGR by convention)."""
     if not (
         isinstance(image, np.ndarray)
         and image.dtype == np.uint8
@@ -75,7 +76,7 @@ def _check_image(image: np.ndarray) -> None:
             if isinstance(image, np.ndarray)
             else type(image).__name__
         )
-        raise ValueError(f"image must be a [H, W, 3] uint8 array (BGR), got a {described}")
+        raise ValueError(f"image must be a [H, W, 3] uint8 BGR array, got a {described}")
 
 
 def _masks_of(instances: Instances, image_size: tuple[int, int]) -> Tensor | None:
@@ -147,7 +148,7 @@ def draw_instances(
         ValueError: `image` is not [H, W, 3] uint8, `alpha` is outside [0, 1], a required
             field is missing, or the masks are not at the image's size.
     """
-    _check_image(image)
+    check_image(image)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     missing = [name for name in _REQUIRED_FIELDS if not instances.has(name)]
