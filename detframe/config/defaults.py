@@ -1,8 +1,10 @@
 """The core config keys, familiar to detectron2 users.
 
-Each of these belongs to a component that does not exist yet (model, data loading, solver,
-trainer). When that component is written, its keys move next to it: the module that reads a
-key declares it. Keys read by the config loader itself (IMPORTS) stay here.
+A key is declared next to the code that reads it. The keys here are read in several places
+(the model, the data pipeline, the trainer and the command line: device, weights, input
+sizes, datasets, batch size, run length, seed, output folder) or by the config loader
+itself (IMPORTS); component-specific keys live with their component (e.g. the optimizer's
+and the schedule's in detframe/engine/).
 
 Defaults follow detectron2 (BGR 0..255 input, its ImageNet pixel statistics), except
 `SEED`, where null (rather than -1) means "pick a random seed".
