@@ -187,7 +187,8 @@ class SimpleTrainer(TrainerBase):
 
         Every rank sees the same averaged values, so all of them stop together.
         """
-        values = {name: float(loss.detach()) for name, loss in loss_dict.items()}
+        detached = torch.stack([loss.detach().float() for loss in loss_dict.values()])
+        values = dict(zip(loss_dict, detached.tolist(), strict=True))  # one device sync
         metrics = mean_over_ranks({**values, "data_time": data_time})
         losses = {name: metrics[name] for name in loss_dict}
         metrics["total_loss"] = sum(losses.values())
