@@ -277,3 +277,30 @@ def test_second_device(op):
     expected_out, expected_grad = run(op, x, rois, grad)
     assert_close(out, expected_out, 1e-10)
     assert_close(grad_input, expected_grad, 1e-10)
+
+
+@pytest.mark.parametrize("side", [3e3, 1e6, 1e9])
+def test_huge_boxes_match_cpu(side):
+    """Adaptive sampling visits only the samples that reach the map on CUDA too: a box of
+    side 1e9 returns at once, with the CPU kernel's result (forward and backward). float64:
+    which far-away samples reach the map depends on the last bits of their coordinates."""
+    dtype = torch.float64
+    x, _, grad = make_case(dtype)
+    rois = torch.tensor(
+        [[0, -0.4 * side, -0.3 * side, 0.6 * side, 0.7 * side], [1, -side, 3.0, 5.0, side]],
+        dtype=dtype,
+    )
+    grad = grad[:2]
+    out, grad_input = roi_align(*cuda(x, rois, grad), sampling_ratio=0)
+    expected_out, expected_grad = roi_align(x, rois, grad, sampling_ratio=0)
+    assert_close(out, expected_out, FORWARD_TOL[dtype])
+    assert_close(grad_input, expected_grad, BACKWARD_TOL[dtype])
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, float("nan"), float("inf")])
+def test_bad_spatial_scale_is_rejected(scale):
+    x, rois, _ = cuda(*make_case(torch.float32))
+    with pytest.raises(ValueError, match="spatial_scale"):
+        torch.ops.detframe.roi_align(x, rois, scale, *POOLED, 2, True)
+    with pytest.raises(ValueError, match="spatial_scale"):
+        torch.ops.detframe.roi_pool(x, rois, scale, *POOLED)

@@ -195,11 +195,13 @@ def test_fallback_without_compiled_library():
 
 def test_layers_exports():
     assert set(detframe.layers.__all__) == {
+        "BoxesShapeError",
         "FrozenBatchNorm2d",
         "OpsBackend",
         "RoIAlign",
         "RoIPool",
         "ShapeSpec",
+        "conv_norm",
         "frozen_bn_affine",
         "get_norm",
         "giou_loss",

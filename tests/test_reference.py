@@ -316,3 +316,43 @@ def test_reduced_precision_is_computed_in_float32(dtype):
     assert output.dtype == dtype
     assert torch.equal(output, expected.to(dtype))  # a maximum is one of the inputs
     assert torch.equal(argmax, expected_argmax)
+
+
+LARGE_BOXES = [
+    [-1200.0, -900.0, 1800.0, 2100.0],  # the map inside one bin
+    [-2500.0, 2.5, 500.0, 3002.5],  # the map across the edge of two bins
+    [3.0, 2.0, 3003.0, 3002.0],  # the map at the box's top-left corner
+    [-2990.0, -2995.0, 10.0, 5.0],  # ... and at its bottom-right corner
+]
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_large_boxes_match_torchvision(aligned):
+    """Side 3000 with an adaptive grid: only the samples that reach the map are computed,
+    with torchvision's result to the last bit (torchvision computes all 3000^2 per channel)."""
+    input = make_input()
+    rois = torch.tensor([[1.0, *box] for box in LARGE_BOXES], dtype=torch.float64)
+    output = roi_align_reference(input, rois, 1.0, 2, 3, 0, aligned)
+    expected = torchvision.ops.roi_align(input, rois, (2, 3), 1.0, 0, aligned)
+    assert output.abs().sum() > 0
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        weighted_grad(output, input), weighted_grad(expected, input), rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("side", [1e6, 1e9, 1e30])
+def test_huge_boxes_match_the_compiled_kernel(side):
+    """Boxes no kernel could sample in full (1e12 samples per bin and more) take bounded
+    time and memory, and agree bit for bit with detframe's C++ kernel."""
+    input = make_input()
+    rois = torch.tensor(
+        [[0, -0.4 * side, -0.3 * side, 0.6 * side, 0.7 * side], [1, -side, 3.0, 5.0, side]],
+        dtype=torch.float64,
+    )
+    output = roi_align_reference(input, rois, 1.0, PH, PW, 0, True)
+    expected = torch.ops.detframe.roi_align(input, rois, 1.0, PH, PW, 0, True)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        weighted_grad(output, input), weighted_grad(expected, input), rtol=1e-10, atol=1e-30
+    )

@@ -1,24 +1,45 @@
 #pragma once
 // Argument checks shared by the kernels of every backend. The Python face
-// (detframe.layers) reports the same problems with friendlier messages; these checks keep
-// direct torch.ops.detframe calls memory-safe.
+// (detframe.layers) reports the same problems with friendlier messages; these checks make
+// direct torch.ops.detframe calls reject what the Python face rejects (ValueError for
+// shapes, sizes and the spatial scale, TypeError for dtypes) and keep them memory-safe.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+
+#include <cmath>
 
 #include "roi_geometry.h"
 
 namespace detframe::ops {
 
-// input [N, C, H, W] and rois [K, 5] on one device with one dtype; a positive output size.
+// A finite, positive spatial_scale. (Zero, negative or NaN scales would put every box at
+// the origin or nowhere and silently give zeros.)
+inline void check_spatial_scale(const char* op, double spatial_scale) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(spatial_scale) && spatial_scale > 0,
+      op,
+      ": spatial_scale must be a finite positive number, got ",
+      spatial_scale);
+}
+
+// input [N, C, H, W] floating point and rois [K, 5] on one device with one dtype; a valid
+// spatial scale and a positive output size.
 inline void check_pool_args(
     const char* op,
     const at::Tensor& input,
     const at::Tensor& rois,
+    double spatial_scale,
     int64_t pooled_h,
     int64_t pooled_w) {
   TORCH_CHECK_VALUE(
       input.dim() == 4, op, ": input must have shape [N, C, H, W], got ", input.sizes());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(input.scalar_type()),
+      op,
+      ": input must be a floating-point tensor, got ",
+      input.scalar_type());
+  check_spatial_scale(op, spatial_scale);
   TORCH_CHECK_VALUE(
       rois.dim() == 2 && rois.size(1) == 5,
       op,
@@ -48,11 +69,13 @@ inline void check_pool_args(
       rois.scalar_type());
 }
 
-// grad [K, C, PH, PW] matching rois [K, 5] and the recorded input size.
+// grad [K, C, PH, PW] floating point, matching rois [K, 5] and the recorded input size; a
+// valid spatial scale.
 inline void check_backward_args(
     const char* op,
     const at::Tensor& grad,
     const at::Tensor& rois,
+    double spatial_scale,
     int64_t pooled_h,
     int64_t pooled_w,
     int64_t batch_size,
@@ -64,6 +87,12 @@ inline void check_backward_args(
       op,
       ": rois must have shape [K, 5], got ",
       rois.sizes());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(grad.scalar_type()),
+      op,
+      ": grad must be a floating-point tensor, got ",
+      grad.scalar_type());
+  check_spatial_scale(op, spatial_scale);
   TORCH_CHECK_VALUE(
       batch_size >= 0 && channels >= 0 && height >= 0 && width >= 0,
       op,

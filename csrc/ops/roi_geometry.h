@@ -26,9 +26,10 @@
 
 namespace detframe::ops {
 
-// Upper bound on the adaptive sampling grid along one side of a bin. It only keeps the
-// integer conversion defined for absurd finite boxes: a box that needs more samples than
-// this could not be pooled in any reasonable time anyway.
+// Upper bound on the adaptive sampling grid along one side of a bin. It keeps the integer
+// conversion defined for absurd finite boxes and every sample index exact in float (i + 0.5
+// below 2^23). It changes no result torchvision can give: torchvision multiplies the two
+// grid sides in 32-bit int, which overflows long before either side reaches 2^20.
 constexpr int64_t kMaxSamplingGrid = int64_t{1} << 20;
 
 // True for finite values; false for NaN and +-inf (inf - inf and NaN - NaN are NaN).
@@ -111,6 +112,56 @@ template <typename T>
 C10_HOST_DEVICE inline T sample_coord(T start, int64_t bin, T bin_size, int64_t i, int64_t grid) {
   return start + static_cast<T>(bin) * bin_size +
       static_cast<T>(static_cast<float>(i) + 0.5f) * bin_size / static_cast<T>(grid);
+}
+
+// The first i in [begin, end) for which pred(i) is false, where pred is true on a prefix of
+// [begin, end) and false after it: O(log(end - begin)) calls of pred.
+template <typename Pred>
+C10_HOST_DEVICE inline int64_t partition_point(int64_t begin, int64_t end, const Pred& pred) {
+  while (begin < end) {
+    const int64_t mid = begin + (end - begin) / 2;
+    if (pred(mid)) {
+      begin = mid + 1;
+    } else {
+      end = mid;
+    }
+  }
+  return begin;
+}
+
+// The samples [first, last) of one bin along one axis whose coordinate lies in [-1, size].
+struct SampleRun {
+  int64_t first, last;
+};
+
+// Bounded adaptive sampling. A sample outside [-1, size] adds exactly nothing to its bin's
+// sum (bilinear_taps rejects it) yet counts in the divisor, so only the samples inside need
+// a visit. sample_coord is monotone in i for a fixed bin (each of its rounded steps is), so
+// those samples form one run, found by bisection on the very expression the kernels
+// evaluate: the sums are bit for bit those of visiting all grid samples. Along one axis a
+// RoI's runs hold at most about 2 * (size + 2) + P samples in all (adaptive samples are at
+// least half a pixel apart), however large the box, at the cost of O(log grid) per bin.
+// A non-finite coordinate (a box whose size overflows) gives an empty run.
+template <typename T>
+C10_HOST_DEVICE inline SampleRun sample_run(
+    T start,
+    int64_t bin,
+    T bin_size,
+    int64_t grid,
+    int64_t size) {
+  const T lo = T(-1);
+  const T hi = static_cast<T>(size);
+  auto coord = [&](int64_t i) { return sample_coord(start, bin, bin_size, i, grid); };
+  SampleRun run;
+  if (bin_size < T(0)) {  // coordinates decrease with i (aligned=False never gets here)
+    run.first = partition_point(int64_t{0}, grid, [&](int64_t i) { return coord(i) > hi; });
+    run.last = partition_point(run.first, grid, [&](int64_t i) { return coord(i) >= lo; });
+  } else {  // coordinates increase with i; NaN counts as below the map
+    run.first =
+        partition_point(int64_t{0}, grid, [&](int64_t i) { return !(coord(i) >= lo); });
+    run.last = partition_point(run.first, grid, [&](int64_t i) { return coord(i) <= hi; });
+  }
+  return run;
 }
 
 // The four taps of a bilinear sample: offsets into one H x W plane and their weights.

@@ -12,6 +12,7 @@ with one warning that says why. `ops_backend()` reports which implementation is 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -98,8 +99,15 @@ def use_compiled(device: torch.device) -> bool:
 
 if _C is not None:
 
+    def _check_scale_fake(spatial_scale: float) -> None:
+        torch._check(
+            math.isfinite(spatial_scale) and spatial_scale > 0,
+            lambda: f"spatial_scale must be a finite positive number, got {spatial_scale}",
+        )
+
     @torch.library.register_fake("detframe::roi_align")
     def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, *_):
+        _check_scale_fake(spatial_scale)
         torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "rois must be [K, 5]")
         torch._check(input.dtype == rois.dtype, lambda: "input and rois dtypes differ")
         return input.new_empty((rois.size(0), input.size(1), pooled_height, pooled_width))
@@ -112,6 +120,7 @@ if _C is not None:
 
     @torch.library.register_fake("detframe::roi_pool")
     def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
+        _check_scale_fake(spatial_scale)
         torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "rois must be [K, 5]")
         torch._check(input.dtype == rois.dtype, lambda: "input and rois dtypes differ")
         size = (rois.size(0), input.size(1), pooled_height, pooled_width)

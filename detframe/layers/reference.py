@@ -19,11 +19,17 @@ any arithmetic, so autograd never multiplies by a NaN weight.
 
 Everything is vectorised over RoIs, bins, samples and channels. RoIs are processed in chunks
 of similar-sized RoIs, padded to the largest grid or window in the chunk, so that no
-intermediate holds much more than MAX_CHUNK_ELEMENTS elements (a single RoI is never split).
-The map is read once as a channels-last [N * H * W, C] table, from which rows are gathered.
+intermediate holds much more than MAX_CHUNK_ELEMENTS elements (a single RoI is never split,
+but its rows of samples are taken in blocks that fit). The map is read once as a
+channels-last [N * H * W, C] table, from which rows are gathered.
+
+RoIAlign visits only the samples that can reach the map, as the kernels do (sample_run in
+roi_geometry.h): along each axis the samples of a bin inside [-1, size] form one run, found
+by bisection on the sample coordinates, so time and memory stay bounded for any finite box;
+the samples left out add exactly nothing to a bin's sum and still count in its divisor.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -79,9 +85,12 @@ def roi_align_reference(
     grid_h = _sampling_grid(bin_h, sampling_ratio, valid)
     grid_w = _sampling_grid(bin_w, sampling_ratio, valid)
     count = (grid_h * grid_w).clamp(min=1).to(dtype)
-    geometry = _AlignGeometry(images, y1, x1, bin_h, bin_w, grid_h, grid_w, count)
+    rows = _sample_runs(y1, bin_h, grid_h, pooled_height, height)
+    cols = _sample_runs(x1, bin_w, grid_w, pooled_width, width)
+    geometry = _AlignGeometry(images, y1, x1, bin_h, bin_w, grid_h, grid_w, count, *rows, *cols)
     table = _channels_last_table(input, dtype, fill=0.0)
-    chunks = list(_chunks(grid_h, grid_w, channels * pooled_height * pooled_width))
+    extent_h, extent_w = (rows[1] - rows[0]).amax(dim=1), (cols[1] - cols[0]).amax(dim=1)
+    chunks = list(_chunks(extent_h, extent_w, channels * pooled_height * pooled_width))
     parts = [
         _align_chunk(table, geometry.select(chunk), pooled_height, pooled_width, height, width)
         for chunk in chunks
@@ -218,6 +227,10 @@ class _AlignGeometry(NamedTuple):
     grid_h: Tensor  # int64 samples per bin along each side, 0 for an invalid RoI
     grid_w: Tensor
     count: Tensor  # max(grid_h * grid_w, 1): the divisor of a bin's sum
+    rows_first: Tensor  # [K, PH] int64: bin ph visits sample rows [first, last)
+    rows_last: Tensor
+    cols_first: Tensor  # [K, PW] int64: bin pw visits sample columns [first, last)
+    cols_last: Tensor
 
     def select(self, rois: Tensor) -> "_AlignGeometry":
         """The geometry of the RoIs with indices `rois` [k]."""
@@ -234,16 +247,98 @@ def _sampling_grid(bin_size: Tensor, sampling_ratio: int, valid: Tensor) -> Tens
     return torch.where(valid, grid, 0)
 
 
+def _sample_runs(
+    start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: int
+) -> tuple[Tensor, Tensor]:
+    """The runs of samples of each bin along one axis whose coordinate lies in [-1, size].
+
+    start, bin_size [K] (arithmetic dtype), grid [K] int64 -> (first, last) [K, P] int64:
+    bin p visits samples [first, last) of its grid. The coordinate of a bin's samples is
+    monotone in the sample index (decreasing for an inverted aligned box), so the run is
+    found by bisection, as sample_run in roi_geometry.h does, on the same expression.
+    """
+    start, bin_size, grid = start[:, None], bin_size[:, None], grid[:, None]
+    bins = torch.arange(pooled, device=start.device, dtype=start.dtype)  # [P]
+    decreasing = bin_size < 0
+
+    def coord(i: Tensor) -> Tensor:  # [K, P] int64 -> [K, P]
+        return _sample_coord(start, bins, bin_size, i, grid)
+
+    def before(i: Tensor) -> Tensor:  # samples ahead of the run; NaN counts as ahead
+        c = coord(i)
+        return torch.where(decreasing, c > size, ~(c >= -1))
+
+    def within(i: Tensor) -> Tensor:  # from the run's first sample on: still in the run
+        c = coord(i)
+        return torch.where(decreasing, c >= -1, c <= size)
+
+    zero = torch.zeros(len(start), pooled, dtype=torch.int64, device=start.device)
+    end = grid.expand_as(zero)
+    steps = int(grid.max()).bit_length()
+    first = _partition_point(before, zero, end, steps)
+    return first, _partition_point(within, first, end, steps)
+
+
+def _partition_point(
+    pred: Callable[[Tensor], Tensor], begin: Tensor, end: Tensor, steps: int
+) -> Tensor:
+    """Elementwise first i in [begin, end) with pred(i) false, pred being true on a prefix;
+    `steps` = (largest end - begin).bit_length() halvings suffice."""
+    for _ in range(steps):
+        active = begin < end
+        mid = (begin + end) // 2
+        ahead = pred(mid)
+        begin = torch.where(active & ahead, mid + 1, begin)
+        end = torch.where(active & ~ahead, mid, end)
+    return begin
+
+
+def _sample_coord(start: Tensor, bins: Tensor, bin_size: Tensor, i: Tensor, grid: Tensor) -> Tensor:
+    """Coordinate of sample i of bin `bins`, in the kernels' order of operations (i + 0.5
+    is exact in the arithmetic dtype for i < 2**23, as it is in their float arithmetic)."""
+    dtype = start.dtype
+    return start + bins * bin_size + (i.to(dtype) + 0.5) * bin_size / grid.to(dtype)
+
+
 def _align_chunk(
     table: Tensor, g: _AlignGeometry, pooled_h: int, pooled_w: int, height: int, width: int
 ) -> Tensor:
     """RoIAlign of a chunk of k RoIs: table [N * H * W + 1, C] -> [k, C, PH, PW].
 
-    Samples are laid out [k, PH, PW, GH, GW] (GH x GW the largest grid in the chunk); the
-    y terms vary along (PH, GH), the x terms along (PW, GW).
+    Samples are laid out [k, PH, PW, GH, GW] (GH x GW the longest runs in the chunk); the
+    y terms vary along (PH, GH), the x terms along (PW, GW). Rows of samples are taken in
+    blocks of at most MAX_CHUNK_ELEMENTS elements, each block's sums carried to the next.
     """
-    y_low, y_high, hy, ly, y_in = _axis_taps(g.start_y, g.bin_h, g.grid_h, pooled_h, height)
-    x_low, x_high, hx, lx, x_in = _axis_taps(g.start_x, g.bin_w, g.grid_w, pooled_w, width)
+    x_taps = _axis_taps(g.start_x, g.bin_w, g.grid_w, g.cols_first, g.cols_last, width)
+    y_taps = _axis_taps(g.start_y, g.bin_h, g.grid_h, g.rows_first, g.rows_last, height)
+    k, gh, gw, channels = len(g.images), y_taps[0].shape[2], x_taps[0].shape[2], table.shape[1]
+    block = max(MAX_CHUNK_ELEMENTS // (k * pooled_h * pooled_w * gw * channels), 1)
+    sums = None
+    for first in range(0, gh, block):
+        rows = [t[:, :, first : first + block] for t in y_taps]
+        samples = _align_samples(table, g.images, rows, x_taps, height, width)
+        samples = samples.flatten(3, 4)  # [k, PH, PW, block * GW, C] in (iy, ix) order
+        if sums is not None:
+            samples = torch.cat([sums, samples], dim=3)
+        # cumsum adds the samples one after another in (iy, ix) order, as the kernels'
+        # loop does (sum() pairs them differently): its last entry is the bin's sum, bit
+        # for bit, and the carry into the next block of rows.
+        sums = samples.cumsum(dim=3)[:, :, :, -1:]
+    return (sums[:, :, :, 0] / g.count[:, None, None, None]).permute(0, 3, 1, 2)
+
+
+def _align_samples(
+    table: Tensor,
+    images: Tensor,
+    y_taps: Sequence[Tensor],
+    x_taps: Sequence[Tensor],
+    height: int,
+    width: int,
+) -> Tensor:
+    """Bilinear samples [k, PH, PW, GH, GW, C] of the rows of taps y_taps [k, PH, GH] and
+    the columns x_taps [k, PW, GW] (each (low, high, w_low, w_high, inside))."""
+    y_low, y_high, hy, ly, y_in = y_taps
+    x_low, x_high, hx, lx, x_in = x_taps
 
     def along_y(t: Tensor) -> Tensor:  # [k, PH, GH] -> [k, PH, 1, GH, 1]
         return t[:, :, None, :, None]
@@ -251,7 +346,7 @@ def _align_chunk(
     def along_x(t: Tensor) -> Tensor:  # [k, PW, GW] -> [k, 1, PW, 1, GW]
         return t[:, None, :, None, :]
 
-    first_row = g.images[:, None, None] * height
+    first_row = images[:, None, None] * height
     inside = along_y(y_in) & along_x(x_in)
     zero_row = table.shape[0] - 1
 
@@ -261,35 +356,32 @@ def _align_chunk(
 
     # Same order as the kernels: w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4. A sample that does
     # not count reads the zero row with finite weights, so it adds exactly 0.
-    samples = (
+    return (
         tap(y_low, x_low, hy, hx)
         + tap(y_low, x_high, hy, lx)
         + tap(y_high, x_low, ly, hx)
         + tap(y_high, x_high, ly, lx)
     )
-    k, ph, pw, gh, gw, c = samples.shape
-    # cumsum adds the samples one after another in (iy, ix) order, as the kernels' loop does
-    # (sum() pairs them differently): its last entry is the bin's sum, bit for bit.
-    sums = samples.reshape(k, ph, pw, gh * gw, c).cumsum(dim=3)[:, :, :, -1]
-    return (sums / g.count[:, None, None, None]).permute(0, 3, 1, 2)
 
 
 def _axis_taps(
-    start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: int
+    start: Tensor, bin_size: Tensor, grid: Tensor, first: Tensor, last: Tensor, size: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Bilinear taps along one axis for the samples of a chunk of k RoIs.
+    """Bilinear taps along one axis for the sample runs of a chunk of k RoIs.
 
-    start, bin_size [k] (arithmetic dtype), grid [k] int64 -> (low, high, w_low, w_high,
-    inside), each [k, P, G] with G = max(grid, 1): the two cells each sample reads, their
-    weights, and whether the sample counts (inside [-1, size] and not padding).
+    start, bin_size [k] (arithmetic dtype), grid [k] int64, first, last [k, P] int64 (the
+    runs) -> (low, high, w_low, w_high, inside), each [k, P, G] with G the longest run (at
+    least 1): the two cells each sample reads, their weights, and whether the sample counts
+    (inside [-1, size] and not padding).
     """
     dtype = start.dtype
+    pooled = first.shape[1]
     bins = torch.arange(pooled, device=start.device, dtype=dtype)[:, None]  # [P, 1]
-    steps = torch.arange(max(int(grid.max()), 1), device=start.device)  # [G]
+    longest = max(int((last - first).max()), 1)
+    steps = first[..., None] + torch.arange(longest, device=start.device)  # [k, P, G]
     start, bin_size, grid = start[:, None, None], bin_size[:, None, None], grid[:, None, None]
-    # i + 0.5 is exact in dtype for i < 2**23, as it is in the kernels' float arithmetic.
-    coord = start + bins * bin_size + (steps.to(dtype) + 0.5) * bin_size / grid.to(dtype)
-    inside = (steps < grid) & (coord >= -1) & (coord <= size)
+    coord = _sample_coord(start, bins, bin_size, steps, grid)
+    inside = (steps < last[..., None]) & (coord >= -1) & (coord <= size)
     # Samples that do not count get coordinate 0, hence finite weights (autograd multiplies
     # by them); this also clamps the others to >= 0.
     coord = torch.where(inside & (coord > 0), coord, 0)

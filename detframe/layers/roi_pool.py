@@ -2,25 +2,26 @@
 
 Shapes: input [N, C, H, W] (N images, C channels); boxes [K, 5] or a list of N tensors
 [L_i, 4]; output [K, C, PH, PW] (K RoIs, PH x PW bins). Same signature and results as
-`torchvision.ops.roi_pool`.
+`torchvision.ops.roi_pool`, and usable the same ways: `torch.jit.script` compiles
+`roi_pool` and `RoIPool`, and `torch.fx.symbolic_trace` keeps `roi_pool` as one leaf call
+(`torch.fx.wrap`).
 """
 
-from __future__ import annotations
-
-from collections.abc import Sequence
-
 import torch
+import torch.fx
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
 from ._compiled import use_compiled
 from ._rois import as_rois, check_scale, output_hw
 from .reference import roi_pool_reference
 
 
+@torch.fx.wrap
 def roi_pool(
     input: Tensor,
-    boxes: Tensor | Sequence[Tensor],
-    output_size: int | Sequence[int],
+    boxes: Tensor | list[Tensor],
+    output_size: BroadcastingList2[int],
     spatial_scale: float = 1.0,
 ) -> Tensor:
     """Max-pools each box of a feature map into a fixed PH x PW grid of cell windows.
@@ -42,7 +43,8 @@ def roi_pool(
         (the first in row-major order on ties); not to `boxes`.
 
     Raises:
-        ValueError: a shape, output size, spatial scale or device is wrong.
+        ValueError: a shape, output size, spatial scale or device is wrong (boxes of the
+            wrong shape: `BoxesShapeError`, also an AssertionError as in torchvision).
         TypeError: dtypes are not floating point or differ between input and boxes.
         IndexError: (CPU) a batch index is not an integer in [0, N).
 
@@ -53,23 +55,28 @@ def roi_pool(
     rois = as_rois(op, input, boxes)
     pooled_h, pooled_w = output_hw(op, output_size)
     scale = check_scale(op, spatial_scale)
-    if use_compiled(input.device):
-        return torch.ops.detframe.roi_pool(input, rois, scale, pooled_h, pooled_w)[0]
-    if torch.is_autocast_enabled(input.device.type):
-        output, _ = roi_pool_reference(input.float(), rois.float(), scale, pooled_h, pooled_w)
-        return output.to(input.dtype)
-    return roi_pool_reference(input, rois, scale, pooled_h, pooled_w)[0]
+    # Scripted code needs the compiled ops. (The ifs stay nested: TorchScript skips the
+    # body of `if not torch.jit.is_scripting()`, not its condition.)
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if not use_compiled(input.device):
+            if torch.is_autocast_enabled(input.device.type):  # float32, as the compiled ops
+                output, _ = roi_pool_reference(
+                    input.float(), rois.float(), scale, pooled_h, pooled_w
+                )
+                return output.to(input.dtype)
+            return roi_pool_reference(input, rois, scale, pooled_h, pooled_w)[0]
+    return torch.ops.detframe.roi_pool(input, rois, scale, pooled_h, pooled_w)[0]
 
 
 class RoIPool(nn.Module):
     """`roi_pool` as a module; see `roi_pool` for shapes and arguments."""
 
-    def __init__(self, output_size: int | Sequence[int], spatial_scale: float) -> None:
+    def __init__(self, output_size: BroadcastingList2[int], spatial_scale: float) -> None:
         super().__init__()
         self.output_size = output_hw("RoIPool", output_size)
         self.spatial_scale = check_scale("RoIPool", spatial_scale)
 
-    def forward(self, input: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
         """input [N, C, H, W], rois [K, 5] or list of [L_i, 4] -> [K, C, PH, PW]."""
         return roi_pool(input, rois, self.output_size, self.spatial_scale)
 

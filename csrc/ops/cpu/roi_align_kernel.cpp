@@ -32,7 +32,8 @@ namespace detframe::ops {
 namespace {
 
 // Calls fn(bin, taps) for every in-map bilinear sample of the RoI, bins in row-major order,
-// samples in (iy, ix) order within a bin.
+// samples in (iy, ix) order within a bin. Only the runs of samples that can reach the map
+// are visited (sample_run), so the cost is bounded whatever the size of the RoI.
 template <typename T, typename Fn>
 inline void for_each_sample(
     const RoIAlignGeometry<T>& g,
@@ -43,11 +44,13 @@ inline void for_each_sample(
     Fn&& fn) {
   BilinearTaps<T> taps;
   for (int64_t ph = 0; ph < pooled_h; ++ph) {
+    const SampleRun rows = sample_run(g.start_h, ph, g.bin_h, g.grid_h, height);
     for (int64_t pw = 0; pw < pooled_w; ++pw) {
       const int64_t bin = ph * pooled_w + pw;
-      for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+      const SampleRun cols = sample_run(g.start_w, pw, g.bin_w, g.grid_w, width);
+      for (int64_t iy = rows.first; iy < rows.last; ++iy) {
         const T y = sample_coord(g.start_h, ph, g.bin_h, iy, g.grid_h);
-        for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+        for (int64_t ix = cols.first; ix < cols.last; ++ix) {
           const T x = sample_coord(g.start_w, pw, g.bin_w, ix, g.grid_w);
           if (bilinear_taps(y, x, height, width, taps)) {
             fn(bin, taps);
@@ -170,7 +173,7 @@ at::Tensor roi_align_forward_cpu(
     int64_t pooled_w,
     int64_t sampling_ratio,
     bool aligned) {
-  check_pool_args("roi_align", input, rois, pooled_h, pooled_w);
+  check_pool_args("roi_align", input, rois, spatial_scale, pooled_h, pooled_w);
   TORCH_CHECK_VALUE(input.is_cpu(), "roi_align: expected CPU tensors, got ", input.device());
   const auto rois_c = rois.contiguous();
   at::Tensor output =
@@ -209,8 +212,8 @@ at::Tensor roi_align_backward_cpu(
     int64_t sampling_ratio,
     bool aligned) {
   check_backward_args(
-      "_roi_align_backward", grad, rois, pooled_h, pooled_w, batch_size, channels, height,
-      width);
+      "_roi_align_backward", grad, rois, spatial_scale, pooled_h, pooled_w, batch_size,
+      channels, height, width);
   TORCH_CHECK_VALUE(
       grad.is_cpu(), "_roi_align_backward: expected CPU tensors, got ", grad.device());
   // Accumulate in float for half and bfloat16, in the tensor's own type otherwise.

@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu(
     double spatial_scale,
     int64_t pooled_h,
     int64_t pooled_w) {
-  check_pool_args("roi_pool", input, rois, pooled_h, pooled_w);
+  check_pool_args("roi_pool", input, rois, spatial_scale, pooled_h, pooled_w);
   TORCH_CHECK_VALUE(input.is_cpu(), "roi_pool: expected CPU tensors, got ", input.device());
   TORCH_CHECK_VALUE(
       input.size(2) * input.size(3) <= std::numeric_limits<int32_t>::max(),
@@ -168,7 +168,7 @@ at::Tensor roi_pool_backward_cpu(
     const at::Tensor& grad,
     const at::Tensor& rois,
     const at::Tensor& argmax,
-    double /*spatial_scale*/,
+    double spatial_scale,
     int64_t pooled_h,
     int64_t pooled_w,
     int64_t batch_size,
@@ -176,8 +176,8 @@ at::Tensor roi_pool_backward_cpu(
     int64_t height,
     int64_t width) {
   check_backward_args(
-      "_roi_pool_backward", grad, rois, pooled_h, pooled_w, batch_size, channels, height,
-      width);
+      "_roi_pool_backward", grad, rois, spatial_scale, pooled_h, pooled_w, batch_size,
+      channels, height, width);
   TORCH_CHECK_VALUE(
       grad.is_cpu() && argmax.is_cpu(),
       "_roi_pool_backward: expected CPU tensors, got ",

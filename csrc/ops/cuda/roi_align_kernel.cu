@@ -89,7 +89,9 @@ __device__ inline int64_t align_roi(
   return valid ? b : -1;
 }
 
-// Calls fn(taps) for every in-map bilinear sample of bin (ph, pw), in (iy, ix) order.
+// Calls fn(taps) for every in-map bilinear sample of bin (ph, pw), in (iy, ix) order. Only
+// the runs of samples that can reach the map are visited (sample_run), so the cost is
+// bounded whatever the size of the RoI.
 template <typename T, typename Fn>
 __device__ inline void for_each_sample(
     const RoIAlignGeometry<T>& g,
@@ -99,9 +101,11 @@ __device__ inline void for_each_sample(
     int64_t width,
     Fn fn) {
   BilinearTaps<T> taps;
-  for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+  const SampleRun rows = sample_run(g.start_h, ph, g.bin_h, g.grid_h, height);
+  const SampleRun cols = sample_run(g.start_w, pw, g.bin_w, g.grid_w, width);
+  for (int64_t iy = rows.first; iy < rows.last; ++iy) {
     const T y = sample_coord(g.start_h, ph, g.bin_h, iy, g.grid_h);
-    for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+    for (int64_t ix = cols.first; ix < cols.last; ++ix) {
       const T x = sample_coord(g.start_w, pw, g.bin_w, ix, g.grid_w);
       if (bilinear_taps(y, x, height, width, taps)) {
         fn(taps);
@@ -180,7 +184,7 @@ at::Tensor roi_align_forward_cuda(
     int64_t pooled_w,
     int64_t sampling_ratio,
     bool aligned) {
-  check_pool_args("roi_align", input, rois, pooled_h, pooled_w);
+  check_pool_args("roi_align", input, rois, spatial_scale, pooled_h, pooled_w);
   TORCH_CHECK_VALUE(input.is_cuda(), "roi_align: expected CUDA tensors, got ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = at::empty({rois.size(0), input.size(1), pooled_h, pooled_w}, input.options());
@@ -223,7 +227,8 @@ at::Tensor roi_align_backward_cuda(
     bool aligned) {
   at::globalContext().alertNotDeterministic("detframe::_roi_align_backward (CUDA)");
   check_backward_args(
-      "_roi_align_backward", grad, rois, pooled_h, pooled_w, batch_size, channels, height, width);
+      "_roi_align_backward", grad, rois, spatial_scale, pooled_h, pooled_w, batch_size, channels,
+      height, width);
   TORCH_CHECK_VALUE(
       grad.is_cuda(), "_roi_align_backward: expected CUDA tensors, got ", grad.device());
   const c10::cuda::CUDAGuard guard(grad.device());

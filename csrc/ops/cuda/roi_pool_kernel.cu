@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cuda(
     double spatial_scale,
     int64_t pooled_h,
     int64_t pooled_w) {
-  check_pool_args("roi_pool", input, rois, pooled_h, pooled_w);
+  check_pool_args("roi_pool", input, rois, spatial_scale, pooled_h, pooled_w);
   TORCH_CHECK_VALUE(input.is_cuda(), "roi_pool: expected CUDA tensors, got ", input.device());
   TORCH_CHECK_VALUE(
       input.size(2) * input.size(3) <= std::numeric_limits<int32_t>::max(),
@@ -201,7 +201,8 @@ at::Tensor roi_pool_backward_cuda(
     int64_t width) {
   at::globalContext().alertNotDeterministic("detframe::_roi_pool_backward (CUDA)");
   check_backward_args(
-      "_roi_pool_backward", grad, rois, pooled_h, pooled_w, batch_size, channels, height, width);
+      "_roi_pool_backward", grad, rois, spatial_scale, pooled_h, pooled_w, batch_size, channels,
+      height, width);
   TORCH_CHECK_VALUE(
       grad.is_cuda(), "_roi_pool_backward: expected CUDA tensors, got ", grad.device());
   TORCH_CHECK_VALUE(
