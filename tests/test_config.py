@@ -1,4 +1,8 @@
-"""detframe.config: declarations, _BASE_ chains, overrides, errors, saving, IMPORTS, docs.
+"""detframe.config: declarations, _BASE_ chains, overrides, errors, ranges, saving, IMPORTS,
+layering, docs.
+
+Configs are loaded through `detframe.engine.setup.load_config` (detframe's keys declared),
+except where a test shows what the config layer does on its own.
 
 Fixture files live in tests/fixtures/configs/ (the 3-level chain spans base/, family/ and
 family/exp/); one-off files are written to tmp_path. Tests that declare keys or import the
@@ -7,6 +11,7 @@ user plugin run on a copy of the schema and of BACKBONE_REGISTRY (the `isolated`
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -15,18 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from detframe.config import (
-    REQUIRED,
-    SCHEMA,
-    ConfigError,
-    declare,
-    format_config,
-    load_config,
-    save_config,
-)
+from detframe.config import REQUIRED, SCHEMA, ConfigError, declare, format_config, save_config
+from detframe.config.schema import type_name
+from detframe.engine.setup import load_config
 from detframe.registry import BACKBONE_REGISTRY, UnknownNameError, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +154,14 @@ def test_unknown_key_far_from_all_has_no_suggestion(tmp_path: Path) -> None:
     assert message.endswith("unknown key XYZZY")
 
 
+def test_unknown_key_of_an_undeclared_section_asks_for_its_module(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, "XYZZY:\n  PLUGH: 1\n"))
+    assert message.endswith(
+        "unknown key XYZZY.PLUGH (no key of XYZZY is declared: is the module that declares it"
+        " imported, e.g. through IMPORTS?)"
+    )
+
+
 def test_a_section_given_a_value_is_an_error(tmp_path: Path) -> None:
     assert "MODEL is a section" in error_of(write(tmp_path, "MODEL: 3\n"))
 
@@ -172,7 +180,7 @@ def test_wrong_type_in_file() -> None:
         ("MODEL.DEVICE=123", "MODEL.DEVICE: expected str, got int 123"),
         ("MODEL.DEVICE=null", "MODEL.DEVICE: expected str, got null"),
         ("INPUT.MIN_SIZE_TRAIN=800", "expected list[int], got int 800"),
-        ("INPUT.MIN_SIZE_TRAIN=[800, x]", "expected list[int]: element expected int, got str"),
+        ("INPUT.MIN_SIZE_TRAIN=[800, x]", "MIN_SIZE_TRAIN: element [1]: expected int, got str 'x'"),
         (
             "INPUT.FORMAT=RGBA",
             "INPUT.FORMAT: 'RGBA' is not one of the allowed values: 'RGB', 'BGR'",
@@ -183,6 +191,159 @@ def test_wrong_type_or_choice_in_override(override: str, expected: str) -> None:
     message = error_of(EXPERIMENT, (override,))
     assert message.startswith("command line: ")
     assert expected in message
+
+
+# --- lists of lists ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("type_", "text", "expected"),
+    [
+        (list[list[float]], "[[32, 40.5], [64]]", [[32.0, 40.5], [64.0]]),
+        (list[list[float]], "[[], [1e-3]]", [[], [0.001]]),
+        (list[list[int]], "[[1, 2], [3]]", [[1, 2], [3]]),
+        (list[list[str]], "[[res4], [res5, p6]]", [["res4"], ["res5", "p6"]]),
+        (list[list[int]] | None, "null", None),
+        (list[list[int]], "[]", []),
+    ],
+)
+def test_list_of_lists_in_file_and_override(
+    isolated: None, tmp_path: Path, type_: Any, text: str, expected: Any
+) -> None:
+    declare("TEST.NESTED", type_, [], "a nested list for this test")
+    from_file = load_config(write(tmp_path, f"TEST:\n  NESTED: {text}\n")).TEST.NESTED
+    from_override = load_config(write(tmp_path, "", "empty.yaml"), [f"TEST.NESTED={text}"])
+    for value in (from_file, from_override.TEST.NESTED):
+        value = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+        assert value == expected
+        if expected:
+            assert [[type(x) for x in row] for row in value] == [
+                [type(x) for x in row] for row in expected
+            ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("32", "expected list[list[float]], got int 32"),
+        ("[32, 64]", "element [0]: expected list[float], got int 32"),
+        ("[[32], 64]", "element [1]: expected list[float], got int 64"),
+        ("[[32], [64, big]]", "element [1][1]: expected float, got str 'big'"),
+        ("[[32], [64, true]]", "element [1][1]: expected float, got bool True"),
+        ("[[32], [null]]", "element [1][0]: expected float, got null"),
+        ("[[32], [[64]]]", "element [1][0]: expected float, got list [64]"),
+    ],
+)
+def test_list_of_lists_errors_name_key_and_position(
+    isolated: None, tmp_path: Path, text: str, expected: str
+) -> None:
+    declare("TEST.SIZES", list[list[float]], [[32.0]], "a nested list for this test")
+    path = write(tmp_path, f"TEST:\n  SIZES: {text}\n")
+    assert error_of(path) == f"{path}: TEST.SIZES: {expected}"
+    assert error_of(write(tmp_path, "", "empty.yaml"), (f"TEST.SIZES={text}",)) == (
+        f"command line: TEST.SIZES: {expected}"
+    )
+
+
+def test_list_of_lists_choices_apply_to_each_element(isolated: None) -> None:
+    declare("TEST.NAMES", list[list[str]], [["a"]], "a nested list for this test", choices="ab")
+    assert load_config(EXPERIMENT, ["TEST.NAMES=[[a, b], [b]]"]).TEST.NAMES == [["a", "b"], ["b"]]
+    assert error_of(EXPERIMENT, ("TEST.NAMES=[[a], [b, c]]",)) == (
+        "command line: TEST.NAMES: element [1][1]: 'c' is not one of the allowed values: 'a', 'b'"
+    )
+
+
+def test_list_of_lists_type_name_and_schema_row(isolated: None) -> None:
+    declare("TEST.A", list[list[int]] | None, None, "nested ints for this test")
+    declare("TEST.B", list[list[str]], [["p2"], ["p3", "p4"]], "nested names for this test")
+    assert type_name(SCHEMA["TEST.A"].type) == "list[list[int]] | None"
+    assert type_name(list[list[float]]) == "list[list[float]]"
+    table = SCHEMA.markdown()
+    assert "| `TEST.A` | `list[list[int]] \\| None` | `null` | nested ints for this test |" in table
+    assert '| `TEST.B` | `list[list[str]]` | `[["p2"], ["p3", "p4"]]` |' in table
+
+
+# --- value ranges ------------------------------------------------------------------------
+
+OUT_OF_RANGE = [
+    ("SOLVER.IMS_PER_BATCH", "0", "0 is out of range: must be >= 1"),
+    ("MODEL.ROI_HEADS.NUM_CLASSES", "-1", "-1 is out of range: must be >= 1"),
+    ("SOLVER.BASE_LR", "-1", "-1.0 is out of range: must be >= 0"),
+    ("SOLVER.BASE_LR", ".nan", "nan is out of range: must be >= 0"),
+    ("MODEL.RPN.NMS_THRESH", "1.5", "1.5 is out of range: must be in [0, 1]"),
+    ("MODEL.PIXEL_STD", "[58.4, 0, 57.4]", "element [1]: 0.0 is out of range: must be > 0"),
+    ("INPUT.MIN_SIZE_TRAIN", "[640, 0]", "element [1]: 0 is out of range: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("key", "text", "expected"), OUT_OF_RANGE)
+def test_out_of_range_override_names_command_line_key_value_and_range(
+    key: str, text: str, expected: str
+) -> None:
+    assert error_of(EXPERIMENT, (f"{key}={text}",)) == f"command line: {key}: {expected}"
+
+
+@pytest.mark.parametrize(("key", "text", "expected"), OUT_OF_RANGE)
+def test_out_of_range_in_file_names_file_key_value_and_range(
+    tmp_path: Path, key: str, text: str, expected: str
+) -> None:
+    *sections, leaf = key.split(".")
+    nested = "".join(f"{section}: {{" for section in sections) + f"{leaf}: {text}"
+    path = write(tmp_path, nested + "}" * len(sections) + "\n")
+    assert error_of(path) == f"{path}: {key}: {expected}"
+
+
+def test_values_at_the_bounds_load(tmp_path: Path) -> None:
+    cfg = load_config(
+        EXPERIMENT,
+        ["SOLVER.IMS_PER_BATCH=1", "SOLVER.BASE_LR=0", "MODEL.RPN.NMS_THRESH=1", "SEED=0"],
+    )
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.MODEL.RPN.NMS_THRESH) == (1, 0.0, 1)
+
+
+def test_a_range_applies_to_every_element_of_a_list_of_lists(isolated: None) -> None:
+    declare(
+        "TEST.SIZES", list[list[float]], [[32.0]], "sizes for this test", min=0, min_exclusive=True
+    )
+    assert load_config(EXPERIMENT, ["TEST.SIZES=[[1e-3], [1, 2]]"]).TEST.SIZES == [[1e-3], [1, 2]]
+    assert error_of(EXPERIMENT, ("TEST.SIZES=[[32, 40], [64, -8]]",)) == (
+        "command line: TEST.SIZES: element [1][1]: -8.0 is out of range: must be > 0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("bounds", "inside", "outside", "words"),
+    [
+        ({"min": 1}, [1, 2, float("inf")], [0.999, -1, float("nan")], ">= 1"),
+        ({"min": 0, "min_exclusive": True}, [1e-9, 5], [0, -1e-9], "> 0"),
+        ({"max": 1}, [1, -5], [1.5], "<= 1"),
+        ({"max": 1, "max_exclusive": True}, [0.999], [1], "< 1"),
+        ({"min": 0, "max": 1}, [0, 0.5, 1], [-0.1, 1.1, float("nan")], "in [0, 1]"),
+        ({"min": 0, "max": 1, "max_exclusive": True}, [0, 0.999], [1], "in [0, 1)"),
+        ({"min": 0.5, "max": 2, "min_exclusive": True}, [2, 0.51], [0.5], "in (0.5, 2]"),
+        ({}, [-1e9, float("nan")], [], None),
+    ],
+)
+def test_range_bounds_and_words(
+    isolated: None, bounds: dict, inside: list[float], outside: list[float], words: str | None
+) -> None:
+    key = declare("TEST.X", float, inside[0], "a bounded key for this test", **bounds)
+    assert key.range == words
+    assert all(key.in_range(v) for v in inside)
+    assert not any(key.in_range(v) for v in outside)
+    for value in outside:
+        with pytest.raises(ConfigError, match=f"is out of range: must be {re.escape(str(words))}$"):
+            key.check(value)
+
+
+def test_schema_table_shows_ranges(isolated: None) -> None:
+    declare("TEST.FRACTION", float, 0.25, "a fraction for this test", min=0, max=1)
+    table = SCHEMA.markdown()
+    assert (
+        "| `TEST.FRACTION` | `float` | `0.25` | a fraction for this test (range: in [0, 1]) |"
+        in (table)
+    )
+    assert "number of foreground classes (range: >= 1) |" in table
 
 
 def test_missing_required_value_names_the_key(isolated: None, tmp_path: Path) -> None:
@@ -213,6 +374,16 @@ def test_missing_base_names_the_path_and_the_file_naming_it(tmp_path: Path) -> N
     path = write(tmp_path, "_BASE_: base/nope.yaml\n")
     message = error_of(path)
     assert message == f"config file not found: {tmp_path / 'base/nope.yaml'} (the _BASE_ of {path})"
+
+
+def test_binary_file_names_the_file_and_says_it_is_not_yaml_text(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "model_final.pth"
+    torch.save({"model": {"conv.weight": torch.randn(8, 3, 3, 3)}}, checkpoint)
+    message = error_of(checkpoint)
+    assert message.startswith(f"{checkpoint}: not a YAML text file: byte 0x")
+    assert "is not UTF-8" in message
+    config = write(tmp_path, "_BASE_: model_final.pth\nSEED: 1\n")
+    assert error_of(config).startswith(f"{checkpoint}: not a YAML text file")
 
 
 def test_yaml_syntax_error_names_file_and_line() -> None:
@@ -288,9 +459,11 @@ def test_import_failure_names_module_and_file(tmp_path: Path) -> None:
 
 
 def test_identical_redeclaration_is_allowed_a_different_one_is_not(isolated: None) -> None:
-    declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 80, "number of foreground classes")
+    declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 80, "number of foreground classes", min=1)
     with pytest.raises(ValueError, match="already declared differently"):
-        declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 81, "number of foreground classes")
+        declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 81, "number of foreground classes", min=1)
+    with pytest.raises(ValueError, match="already declared differently"):
+        declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 80, "number of foreground classes", min=0)
 
 
 @pytest.mark.parametrize(
@@ -299,6 +472,15 @@ def test_identical_redeclaration_is_allowed_a_different_one_is_not(isolated: Non
         (("TEST.X", int, "a", "help"), {}, "default 'a' is invalid"),
         (("TEST.X", str, "C", "help"), {"choices": ("A", "B")}, "default 'C' is invalid"),
         (("TEST.X", dict, {}, "help"), {}, "unsupported type"),
+        (("TEST.X", list[list[list[int]]], [], "help"), {}, "unsupported type"),
+        (("TEST.X", list[dict], [], "help"), {}, "unsupported type"),
+        (("TEST.X", list[list[int]], [1], "help"), {}, r"element \[0\]: expected list\[int\]"),
+        (("TEST.X", int, 0, "help"), {"min": 1}, "default 0 is invalid: 0 is out of range"),
+        (("TEST.X", list[int], [2, 0], "help"), {"min": 1}, r"element \[1\]: 0 is out of range"),
+        (("TEST.X", str, "a", "help"), {"min": 1}, "a range needs a number type, not str"),
+        (("TEST.X", list[bool], [], "help"), {"max": 1}, r"a range needs a number type"),
+        (("TEST.X", int, 1, "help"), {"min_exclusive": True}, "exclusive bound needs its min"),
+        (("TEST.X", int, 1, "help"), {"min": 1, "max": 1}, "empty range"),
         (("test.x", int, 1, "help"), {}, "dotted UPPER_CASE"),
         (("TEST.X", int, 1, ""), {}, "one non-empty line"),
         (("MODEL.DEVICE.X", int, 1, "help"), {}, "clashes with MODEL.DEVICE"),
@@ -311,12 +493,61 @@ def test_malformed_declarations(isolated: None, args: tuple, kwargs: dict, match
     assert "TEST.X" not in SCHEMA
 
 
+# --- layering: the config layer imports nothing above it -------------------------------
+
+UPPER_LAYERS = ("detframe.data", "detframe.modeling", "detframe.engine", "detframe.evaluation")
+
+
+def test_config_package_names_no_upper_layer_in_its_source() -> None:
+    """No import of, and no string naming (as `importlib` would need), a package above."""
+    for path in sorted((ROOT / "detframe" / "config").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        docstring = ast.get_docstring(tree, clean=False)
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                # The module docstring may point upwards (to where detframe's keys get declared).
+                names = [] if node.value == docstring else re.findall(r"detframe\.\w+", node.value)
+            for name in names:
+                assert not name.startswith(UPPER_LAYERS), f"{path.name}:{node.lineno}: {name}"
+                assert not name.startswith(".."), f"{path.name}:{node.lineno}: {name}"
+
+
+def test_config_layer_validates_what_is_declared_at_that_moment(tmp_path: Path) -> None:
+    """In a fresh process: detframe.config alone knows only its core keys and imports no
+    component; after the engine layer is imported, the same file loads."""
+    path = write(tmp_path, "SOLVER:\n  BASE_LR: 0.01\nMODEL:\n  RPN:\n    NMS_THRESH: 0.6\n")
+    script = f"""
+import sys
+from detframe.config import ConfigError, load_config
+try:
+    load_config({str(path)!r})
+except ConfigError as e:
+    print("error:", e)
+upper = sorted(m for m in sys.modules if m.startswith({UPPER_LAYERS!r}))
+print("upper layers imported:", upper)
+import detframe.engine.setup
+cfg = detframe.engine.setup.load_config({str(path)!r})
+print("loaded:", cfg.SOLVER.BASE_LR, cfg.MODEL.RPN.NMS_THRESH)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.splitlines()
+    assert out[0].startswith(f"error: {path}: unknown key SOLVER.BASE_LR")
+    assert out[1] == "upper layers imported: []"
+    assert out[2] == "loaded: 0.01 0.6"
+
+
 # --- the schema table in the docs --------------------------------------------------------
 
 
 def test_docs_schema_table_is_what_the_code_prints() -> None:
     printed = subprocess.run(
-        [sys.executable, "-m", "detframe.config", "--print-schema"],
+        [sys.executable, "-m", "detframe", "schema"],
         capture_output=True,
         text=True,
         check=True,
@@ -325,5 +556,5 @@ def test_docs_schema_table_is_what_the_code_prints() -> None:
     doc = (ROOT / "docs" / "configs.md").read_text()
     match = re.search(r"<!-- schema:begin[^>]*-->\n(.*?)<!-- schema:end -->", doc, re.S)
     assert match, "docs/configs.md lacks the <!-- schema:begin --> ... <!-- schema:end --> markers"
-    assert match.group(1) == printed, "regenerate: python -m detframe.config --print-schema"
+    assert match.group(1) == printed, "regenerate the table: detframe schema"
     assert "`MODEL.ROI_HEADS.NUM_CLASSES` | `int` | `80` |" in printed

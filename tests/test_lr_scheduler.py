@@ -22,13 +22,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 import detframe.engine  # noqa: F401  (declares the SOLVER keys)
-from detframe.config import ConfigError, load_config
+from detframe.config import ConfigError
 from detframe.engine.lr_scheduler import (
     LRMultiplier,
     build_lr_schedule,
     build_lr_scheduler,
     warmup,
 )
+from detframe.engine.setup import load_config
 
 LOGGER = "detframe.engine.lr_scheduler"
 
@@ -239,9 +240,8 @@ def test_warmup_longer_than_max_iter_is_cut_with_a_warning(
     ],
 )
 def test_bad_schedule_settings_raise(tmp_path: Path, overrides: dict, key: str) -> None:
-    cfg = config(tmp_path, **{**MULTISTEP, **overrides})
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        build_lr_schedule(cfg)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):  # at load or at build
+        build_lr_schedule(config(tmp_path, **{**MULTISTEP, **overrides}))
 
 
 # --- LRMultiplier as the trainer drives it ------------------------------------------------

@@ -32,14 +32,22 @@ declare(
     list[float],
     [1.0, 1.0, 1.0],
     "per-channel std input images are divided by, in INPUT.FORMAT order",
+    min=0,
+    min_exclusive=True,
 )
-declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 80, "number of foreground classes")
+declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 80, "number of foreground classes", min=1)
 
 # Input resizing and format.
-declare("INPUT.MIN_SIZE_TRAIN", list[int], [800], "shorter side at training; one picked at random")
-declare("INPUT.MAX_SIZE_TRAIN", int, 1333, "longest side at training, after resizing")
-declare("INPUT.MIN_SIZE_TEST", int, 800, "shorter side at test time")
-declare("INPUT.MAX_SIZE_TEST", int, 1333, "longest side at test time, after resizing")
+declare(
+    "INPUT.MIN_SIZE_TRAIN",
+    list[int],
+    [800],
+    "shorter side at training; one picked at random",
+    min=1,
+)
+declare("INPUT.MAX_SIZE_TRAIN", int, 1333, "longest side at training, after resizing", min=1)
+declare("INPUT.MIN_SIZE_TEST", int, 800, "shorter side at test time", min=1)
+declare("INPUT.MAX_SIZE_TEST", int, 1333, "longest side at test time, after resizing", min=1)
 declare(
     "INPUT.FORMAT", str, "BGR", "channel order of images fed to the model", choices=("RGB", "BGR")
 )
@@ -47,13 +55,15 @@ declare(
 # Data.
 declare("DATASETS.TRAIN", list[str], [], "names in DATASET_REGISTRY to train on")
 declare("DATASETS.TEST", list[str], [], "names in DATASET_REGISTRY to evaluate on")
-declare("DATALOADER.NUM_WORKERS", int, 4, "data-loading worker processes per training process")
+declare(
+    "DATALOADER.NUM_WORKERS", int, 4, "data-loading worker processes per training process", min=0
+)
 
 # Solver: read by the data loader and the trainer; the optimizer's and the learning-rate
 # schedule's keys are in detframe/engine/.
-declare("SOLVER.IMS_PER_BATCH", int, 16, "images per iteration, summed over all processes")
-declare("SOLVER.MAX_ITER", int, 90000, "number of training iterations")
+declare("SOLVER.IMS_PER_BATCH", int, 16, "images per iteration, summed over all processes", min=1)
+declare("SOLVER.MAX_ITER", int, 90000, "number of training iterations", min=1)
 
 # Run.
-declare("SEED", int | None, None, "random seed; null picks one at random (and logs it)")
+declare("SEED", int | None, None, "random seed; null picks one at random (and logs it)", min=0)
 declare("OUTPUT_DIR", str, "./output", "directory for checkpoints, logs and the effective config")

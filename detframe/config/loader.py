@@ -8,13 +8,20 @@
    merge key by key; any other value (a list included) replaces the earlier one;
 2. import the modules listed in the effective `IMPORTS` (so they can register components
    and declare keys);
-3. validate every layer against `SCHEMA`: an unknown key, a wrong type, a value outside the
-   declared choices or a required key left unset is a `ConfigError` naming the file (or
-   "command line"), the key and, for unknown keys, the closest declared key;
+3. validate every layer against `SCHEMA` as declared at that moment: an unknown key, a wrong
+   type, a value outside the declared choices or range, or a required key left unset is a
+   `ConfigError` naming the file (or "command line"), the key, the value and, for unknown
+   keys, the closest declared key;
 4. return an OmegaConf `DictConfig` with every declared key, read-only and in struct mode.
 
-YAML is read with PyYAML's safe loader plus two fixes: `1e-3` is a float (not a string)
-and a key given twice in one mapping is an error (not silently dropped). OmegaConf
+The config layer imports no component: whoever builds components makes sure their keys are
+declared first. detframe's own are declared by `detframe.engine.setup.load_config`, which
+imports them and then calls this `load_config`; the command line, the tools and the tests
+load configs through it.
+
+A config file is UTF-8 YAML text (anything else, e.g. a checkpoint, is a `ConfigError`
+naming the file), read with PyYAML's safe loader plus two fixes: `1e-3` is a float (not a
+string) and a key given twice in one mapping is an error (not silently dropped). OmegaConf
 interpolations (`${...}`) are not supported: a config says its values literally.
 """
 
@@ -72,6 +79,18 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: invalid YAML: {e}") from None
 
 
+def _read_text(path: Path, source: str) -> str:
+    """The text of the config file `path`; a file that is not UTF-8 text is a ConfigError."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{source}: not a YAML text file: byte {data[e.start]:#04x} at offset {e.start} "
+            "is not UTF-8 (a checkpoint or another binary file given as the config?)"
+        ) from None
+
+
 def _flatten(tree: dict[Any, Any], source: str, prefix: str = "") -> dict[str, Any]:
     """{"MODEL": {"DEVICE": "cpu"}} -> {"MODEL.DEVICE": "cpu"}; leaves are declared keys."""
     flat: dict[str, Any] = {}
@@ -99,7 +118,7 @@ def _read_chain(path: Path, named_by: str | None, stack: tuple[Path, ...] = ()) 
             f"config file not found: {source}"
             + (f" (the _BASE_ of {named_by})" if named_by else "")
         )
-    tree = _parse_yaml(path.read_text(encoding="utf-8"), source)
+    tree = _parse_yaml(_read_text(path, source), source)
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -127,18 +146,6 @@ def _parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return flat
 
 
-# detframe's own packages that declare config keys next to their code. They are imported
-# (lazily: they import detframe.config themselves) before any config is validated or the
-# schema printed, so the schema is complete whoever calls load_config.
-BUILTIN_COMPONENTS = ("detframe.data", "detframe.modeling", "detframe.engine")
-
-
-def import_builtin_components() -> None:
-    """Imports the packages in BUILTIN_COMPONENTS, which declares their keys."""
-    for module in BUILTIN_COMPONENTS:
-        importlib.import_module(module)
-
-
 def _import_modules(layers: Sequence[Layer]) -> None:
     """Imports the modules of the effective IMPORTS (the last layer that sets it wins)."""
     setting = [(source, flat["IMPORTS"]) for source, flat in layers if "IMPORTS" in flat]
@@ -161,7 +168,15 @@ def _check(source: str, name: str, value: Any) -> Any:
             raise ConfigError(f"{source}: {name} is a section: give it a mapping of keys")
         message = f"{source}: unknown key {name}"
         close = SCHEMA.closest(name)
-        raise ConfigError(message + (f"; did you mean {close}?" if close else ""))
+        section = name.rpartition(".")[0]
+        if close:
+            message += f"; did you mean {close}?"
+        elif section and not SCHEMA.is_section(section):
+            message += (
+                f" (no key of {section} is declared: is the module that declares it imported,"
+                " e.g. through IMPORTS?)"
+            )
+        raise ConfigError(message)
     strings = value if isinstance(value, list) else [value]
     if any(isinstance(s, str) and "${" in s for s in strings):
         raise ConfigError(f"{source}: {name}: interpolation (${{...}}) is not supported")
@@ -196,10 +211,10 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         an undeclared key raises).
 
     Raises:
-        ConfigError: a missing or malformed file, a `_BASE_` cycle, a failed import, an
-            unknown key, a wrong type or a required key left unset.
+        ConfigError: a missing, binary or malformed file, a `_BASE_` cycle, a failed import,
+            an unknown key, a wrong type, a value out of its choices or range, or a required
+            key left unset.
     """
-    import_builtin_components()
     layers = _read_chain(Path(path), named_by=None)
     layers.append((COMMAND_LINE, _parse_overrides(overrides)))
     _import_modules(layers)

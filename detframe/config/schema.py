@@ -2,39 +2,48 @@
 
     from detframe.config import REQUIRED, declare
 
-    declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 80, "number of foreground classes")
+    declare("MODEL.ROI_HEADS.NUM_CLASSES", int, 80, "number of foreground classes", min=1)
     declare("INPUT.FORMAT", str, "BGR", "channel order of input images", choices=("RGB", "BGR"))
-    declare("MODEL.MY_HEAD.ANCHORS", list[int], REQUIRED, "anchor sizes; must be set")
+    declare("MODEL.MY_HEAD.ANCHORS", list[int], REQUIRED, "anchor sizes; must be set", min=1)
+    declare("MODEL.MY_HEAD.SIZES", list[list[float]], [[32, 40]], "per level", min=1)
 
 A key is a dotted upper-case path; the part before the last dot is its section. The
-supported types are `int`, `float`, `bool`, `str`, `list[T]` of one of those, and any of
-these `| None` (which allows `null`). An `int` is accepted where a `float` is declared and
-converted; nothing else is converted (a `bool` is not an `int`, `"1"` is not a number).
+supported types are `int`, `float`, `bool`, `str`, `list[T]` and `list[list[T]]` of one of
+those, and any of these `| None` (which allows `null`). An `int` is accepted where a `float`
+is declared and converted; nothing else is converted (a `bool` is not an `int`, `"1"` is not
+a number).
+
+A declaration may restrict the values: `choices` lists the allowed values, and `min` / `max`
+bound a number (inclusive, or exclusive with `min_exclusive` / `max_exclusive`; NaN is outside
+every range). Both apply to each scalar of a list. A value that breaks a declaration is a
+`ConfigError` that names the bad element's position in a list, e.g. "element [1][0]".
 
 All declarations go into one process-wide `Schema`, `SCHEMA`; the loader validates configs
-against it and `python -m detframe.config --print-schema` prints it as a markdown table.
-Declaring the same key twice with identical fields is allowed (a module imported twice);
-with different fields it is an error.
+against it, and `Schema.markdown()` renders it as the table in docs/configs.md. Declaring the
+same key twice with identical fields is allowed (a module imported twice); with different
+fields it is an error.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
-__all__ = ["REQUIRED", "SCHEMA", "ConfigError", "Key", "Schema", "declare"]
+__all__ = ["REQUIRED", "SCHEMA", "ConfigError", "Key", "Schema", "declare", "type_name"]
 
 _SCALARS = (int, float, bool, str)
+_MAX_LIST_DEPTH = 2
 _KEY_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)*$")
 
 
 class ConfigError(ValueError):
-    """A config that cannot be used: unknown key, wrong type, missing value, bad file."""
+    """A config that cannot be used: unknown key, wrong type, value out of range, bad file."""
 
 
 class _Required:
@@ -56,21 +65,44 @@ def _split_optional(type_: Any) -> tuple[Any, bool]:
     return type_, False
 
 
-def _check_scalar(scalar: type, value: Any) -> Any:
+def _layout(type_: Any) -> tuple[Any, int, bool]:
+    """(scalar, list depth, optional): `list[list[float]] | None` -> (float, 2, True).
+
+    The scalar is returned as found; `Schema.declare` checks that it is one of `_SCALARS`.
+    """
+    inner, optional = _split_optional(type_)
+    depth = 0
+    while get_origin(inner) is list and len(get_args(inner)) == 1:
+        inner, depth = get_args(inner)[0], depth + 1
+    return inner, depth, optional
+
+
+def _list_of(scalar: type, depth: int) -> str:
+    """`float`, `list[float]`, `list[list[float]]` for depth 0, 1, 2."""
+    return "list[" * depth + scalar.__name__ + "]" * depth
+
+
+def type_name(type_: Any) -> str:
+    """`int`, `list[float]`, `list[list[int]]`, `str | None`: how a declared type is written."""
+    scalar, depth, optional = _layout(type_)
+    name = _list_of(scalar, depth)
+    return f"{name} | None" if optional else name
+
+
+def _position(index: tuple[int, ...]) -> str:
+    """The prefix of a message about the value at `index`: empty for the value itself,
+    "element [1][0]: " for the first element of its second list."""
+    return "element " + "".join(f"[{i}]" for i in index) + ": " if index else ""
+
+
+def _check_scalar(scalar: type, value: Any, index: tuple[int, ...]) -> Any:
     """`value` as `scalar` (int -> float is the only conversion); raises ConfigError."""
     if scalar is float and type(value) is int:
         return float(value)
     if type(value) is not scalar:
-        raise ConfigError(f"expected {scalar.__name__}, got {type(value).__name__} {value!r}")
+        shown = "null" if value is None else f"{type(value).__name__} {value!r}"
+        raise ConfigError(f"{_position(index)}expected {scalar.__name__}, got {shown}")
     return value
-
-
-def type_name(type_: Any) -> str:
-    """`int`, `list[float]`, `str | None`: how a declared type is written."""
-    inner, optional = _split_optional(type_)
-    is_list = get_origin(inner) is list
-    name = f"list[{get_args(inner)[0].__name__}]" if is_list else inner.__name__
-    return f"{name} | None" if optional else name
 
 
 @dataclass(frozen=True)
@@ -82,7 +114,9 @@ class Key:
         type: the declared type (see the module docstring).
         default: the value when no config sets it, or REQUIRED.
         help: one line for the schema table.
-        choices: the allowed values (of the value, or of each element of a list), or None.
+        choices: the allowed values (of the value, or of each scalar of a list), or None.
+        min, max: bounds of a number (of the value, or of each scalar of a list), or None.
+        min_exclusive, max_exclusive: whether the value may not equal `min` / `max`.
     """
 
     name: str
@@ -90,32 +124,70 @@ class Key:
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
 
     def check(self, value: Any) -> Any:
-        """`value` validated (and int converted to float where declared); raises ConfigError."""
-        inner, optional = _split_optional(self.type)
+        """`value` validated (and int converted to float where declared); raises ConfigError.
+
+        The message names the position of a bad element in a list, e.g. "element [1][0]: ...".
+        """
+        scalar, depth, optional = _layout(self.type)
         if value is None:
             if optional:
                 return None
             raise ConfigError(f"expected {type_name(self.type)}, got null")
-        if get_origin(inner) is list:
-            if not isinstance(value, list | tuple):
-                raise ConfigError(
-                    f"expected {type_name(self.type)}, got {type(value).__name__} {value!r}"
-                )
-            element = get_args(inner)[0]
-            try:
-                checked = [_check_scalar(element, v) for v in value]
-            except ConfigError as e:
-                raise ConfigError(f"expected {type_name(self.type)}: element {e}") from None
-        else:
-            checked = _check_scalar(inner, value)
-        if self.choices is not None:
-            for v in checked if isinstance(checked, list) else [checked]:
-                if v not in self.choices:
-                    allowed = ", ".join(repr(c) for c in self.choices)
-                    raise ConfigError(f"{v!r} is not one of the allowed values: {allowed}")
-        return checked
+        return self._check(value, scalar, depth, ())
+
+    def _check(self, value: Any, scalar: type, depth: int, index: tuple[int, ...]) -> Any:
+        """`value` checked as a `depth`-deep list of `scalar` found at `index`."""
+        if depth == 0:
+            return self._check_allowed(_check_scalar(scalar, value, index), index)
+        if not isinstance(value, list | tuple):
+            shown = "null" if value is None else f"{type(value).__name__} {value!r}"
+            expected = _list_of(scalar, depth)
+            raise ConfigError(f"{_position(index)}expected {expected}, got {shown}")
+        return [self._check(v, scalar, depth - 1, (*index, i)) for i, v in enumerate(value)]
+
+    def _check_allowed(self, value: Any, index: tuple[int, ...]) -> Any:
+        """`value` (a checked scalar) if the choices and the range allow it."""
+        if self.choices is not None and value not in self.choices:
+            allowed = ", ".join(repr(c) for c in self.choices)
+            raise ConfigError(
+                f"{_position(index)}{value!r} is not one of the allowed values: {allowed}"
+            )
+        if not self.in_range(value):
+            raise ConfigError(f"{_position(index)}{value!r} is out of range: must be {self.range}")
+        return value
+
+    def in_range(self, number: float) -> bool:
+        """Whether `number` lies within `min` and `max` (always true without a range)."""
+        if self.min is None and self.max is None:
+            return True
+        if math.isnan(number):
+            return False
+        above = (
+            self.min is None or number > self.min or (number == self.min and not self.min_exclusive)
+        )
+        below = (
+            self.max is None or number < self.max or (number == self.max and not self.max_exclusive)
+        )
+        return above and below
+
+    @property
+    def range(self) -> str | None:
+        """The range in words: ">= 1", "> 0", "<= 1", "in [0, 1]", "in [0, 1)"; or None."""
+        if self.min is None and self.max is None:
+            return None
+        if self.max is None:
+            return f"{'>' if self.min_exclusive else '>='} {self.min:g}"
+        if self.min is None:
+            return f"{'<' if self.max_exclusive else '<='} {self.max:g}"
+        left = "(" if self.min_exclusive else "["
+        right = ")" if self.max_exclusive else "]"
+        return f"in {left}{self.min:g}, {self.max:g}{right}"
 
 
 class Schema:
@@ -132,21 +204,41 @@ class Schema:
         help: str,
         *,
         choices: Sequence[Any] | None = None,
+        min: float | None = None,
+        max: float | None = None,
+        min_exclusive: bool = False,
+        max_exclusive: bool = False,
     ) -> Key:
         """Declares a key (see the module docstring); returns it.
 
         Raises:
             ValueError: a malformed declaration, or a clash with an earlier one.
         """
-        inner, _ = _split_optional(type)
-        element = get_args(inner)[0] if get_origin(inner) is list else inner
-        if element not in _SCALARS:
+        scalar, depth, _ = _layout(type)
+        if scalar not in _SCALARS or depth > _MAX_LIST_DEPTH:
             raise ValueError(f"{name}: unsupported type {type!r}")
         if not _KEY_PATTERN.match(name):
             raise ValueError(f"{name!r}: keys are dotted UPPER_CASE names, e.g. MODEL.DEVICE")
         if not help or "\n" in help:
             raise ValueError(f"{name}: help must be one non-empty line")
-        key = Key(name, type, default, help, None if choices is None else tuple(choices))
+        bounded = min is not None or max is not None
+        if bounded and scalar not in (int, float):
+            raise ValueError(f"{name}: a range needs a number type, not {type_name(type)}")
+        if (min_exclusive and min is None) or (max_exclusive and max is None):
+            raise ValueError(f"{name}: an exclusive bound needs its min / max")
+        if min is not None and max is not None and not min < max:
+            raise ValueError(f"{name}: empty range: min {min} is not below max {max}")
+        key = Key(
+            name,
+            type,
+            default,
+            help,
+            None if choices is None else tuple(choices),
+            min,
+            max,
+            min_exclusive,
+            max_exclusive,
+        )
         if default is not REQUIRED:
             try:
                 key.check(default)
@@ -189,6 +281,8 @@ class Schema:
             help_ = key.help
             if key.choices is not None:
                 help_ += " (one of: " + ", ".join(f"`{c}`" for c in key.choices) + ")"
+            if key.range is not None:
+                help_ += f" (range: {key.range})"
             cells = [f"`{key.name}`", f"`{type_name(key.type)}`", default, help_]
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         return "\n".join(rows) + "\n"
@@ -198,7 +292,26 @@ SCHEMA = Schema()
 
 
 def declare(
-    name: str, type: Any, default: Any, help: str, *, choices: Sequence[Any] | None = None
+    name: str,
+    type: Any,
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
 ) -> Key:
     """Declares a key in the process-wide `SCHEMA`; see `Schema.declare`."""
-    return SCHEMA.declare(name, type, default, help, choices=choices)
+    return SCHEMA.declare(
+        name,
+        type,
+        default,
+        help,
+        choices=choices,
+        min=min,
+        max=max,
+        min_exclusive=min_exclusive,
+        max_exclusive=max_exclusive,
+    )

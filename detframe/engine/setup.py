@@ -1,4 +1,11 @@
-"""What every run does first: logging, the seed, and a copy of the effective config.
+"""What every run does first: the config, logging, the seed, and a copy of the config.
+
+`load_config(path, overrides)` is `detframe.config.load_config` with every key of detframe's
+own components declared: the config layer knows no component, so the layer that builds them
+imports their packages (below, and this package, whose `__init__` Python runs before this
+module), which declare their keys next to the code that reads them. The command line, the
+tools and the tests load configs through it; `schema_markdown()` is the table of those keys
+(`detframe schema`, docs/configs.md).
 
 `default_setup(cfg)` (called in every process of a run, after the process group exists):
 
@@ -15,23 +22,49 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from detframe.config import format_config, save_config
+from detframe import data, evaluation, modeling  # noqa: F401  (declare keys, register parts)
+from detframe.config import SCHEMA, format_config, save_config
+from detframe.config import load_config as _load_declared
 from detframe.utils.comm import all_gather, get_rank, get_world_size, is_main_process
 
-__all__ = ["CONFIG_FILE_NAME", "LOG_FILE_NAME", "default_setup", "seed_all", "setup_logging"]
+__all__ = [
+    "CONFIG_FILE_NAME",
+    "LOG_FILE_NAME",
+    "default_setup",
+    "load_config",
+    "schema_markdown",
+    "seed_all",
+    "setup_logging",
+]
 
 CONFIG_FILE_NAME = "config.yaml"
 LOG_FILE_NAME = "log.txt"
 _FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
 _HANDLER_MARK = "_detframe_handler"
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> DictConfig:
+    """The effective config of `path` and `KEY=VALUE` overrides, validated against the keys
+    of detframe's components and of the modules its `IMPORTS` names.
+
+    See `detframe.config.load_config` for the arguments, the result and the errors.
+    """
+    return _load_declared(path, overrides)
+
+
+def schema_markdown() -> str:
+    """The declared keys of detframe's components as a markdown table, sorted by key."""
+    return SCHEMA.markdown()
 
 
 def setup_logging(output_dir: str | None = None, *, rank: int | None = None) -> logging.Logger:
