@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from detframe.config import ConfigError, load_config
+from detframe.config import ConfigError
 from detframe.data import DatasetError
 from detframe.data.catalog import (
     DATASETS,
@@ -17,6 +17,7 @@ from detframe.data.catalog import (
     register_from_config_entry,
     register_shapes,
 )
+from detframe.engine.setup import load_config
 from detframe.registry import DATASET_REGISTRY
 
 

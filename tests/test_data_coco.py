@@ -73,7 +73,13 @@ def _coco() -> dict[str, Any]:
                 "segmentation": {"size": [H, W], "counts": _uncompressed_rle(_mask())},
                 "iscrowd": 1,
             },
-            {"id": 13, "image_id": 2, "category_id": 5, "bbox": [0.5, 0.5, 2, 2]},
+            {
+                "id": 13,
+                "image_id": 2,
+                "category_id": 5,
+                "bbox": [0.5, 0.5, 2, 2],
+                "segmentation": [[0.5, 0.5, 2.5, 0.5, 2.5, 2.5]],
+            },
         ],
     }
 
@@ -125,7 +131,12 @@ def test_loads_every_annotation_kind(tmp_path: Path) -> None:
                     "iscrowd": 1,
                     "segmentation": {"size": [H, W], "counts": compressed},
                 },
-                {"bbox": [0.5, 0.5, 2.5, 2.5], "category_id": 1, "iscrowd": 0},
+                {
+                    "bbox": [0.5, 0.5, 2.5, 2.5],
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "segmentation": [[0.5, 0.5, 2.5, 0.5, 2.5, 2.5]],
+                },
             ],
         },
         {
@@ -192,6 +203,10 @@ def _two_point_polygon(d: dict[str, Any]) -> None:
     _ann(d, 10)["segmentation"] = [[1, 2, 4, 2]]
 
 
+def _empty_segmentation(d: dict[str, Any]) -> None:
+    _ann(d, 10)["segmentation"] = []
+
+
 def _unknown_category(d: dict[str, Any]) -> None:
     _ann(d, 10)["category_id"] = 99
 
@@ -206,6 +221,11 @@ ANNOTATION_CASES = [
     (_zero_width, r"annotation id 10 \(image id 1\): bbox \[1, 2, 0, 4\]", "degenerate box"),
     (_nan_box, r"annotation id 10 \(image id 1\): bbox \[1, nan, 3, 4\]", "degenerate box"),
     (_two_point_polygon, r"annotation id 10 .*at least three points", "bad polygon"),
+    (
+        _empty_segmentation,
+        r"annotation id 10 \(image id 1\): the segmentation is missing or empty",
+        "no segmentation",
+    ),
     (_unknown_category, r"annotation id 10 .*category id 99 is not in categories", "unknown"),
     (_unknown_image, r"annotation id 10 \(image id 77\): image id 77 is not in images", "unknown"),
 ]
@@ -227,6 +247,37 @@ def test_bad_annotation_raises_or_is_skipped(
     assert re.search(
         rf"dataset 'mine' .*ann\.json: skipped bad entries \({kind}[a-z ]*: 1\)", caplog.text
     )
+
+
+def test_box_only_annotations_have_no_segmentation(tmp_path: Path) -> None:
+    """Without any segmentation in the file, a missing or empty one is a box-only annotation."""
+    data = _coco()
+    for ann in data["annotations"]:
+        ann["segmentation"] = []
+    del _ann(data, 13)["segmentation"]
+    dataset = load_coco_json(_write(tmp_path, data), tmp_path / "images")
+    assert [len(r["annotations"]) for r in dataset] == [2, 2, 0]
+    assert not any("segmentation" in a for r in dataset for a in r["annotations"])
+
+
+def test_duplicate_image_id_names_both_entries_or_drops_both(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _coco()
+    data["images"][2]["id"] = 2  # c.jpg claims b.jpg's id, so b.jpg's boxes would be ambiguous
+    path = _write(tmp_path, data)
+    with pytest.raises(
+        DatasetError,
+        match=r"ann\.json: image id 2 is used by images\[1\] \('b\.jpg'\) and images\[2\] "
+        r"\('c\.jpg'\)",
+    ):
+        load_coco_json(path, tmp_path / "images")
+    with caplog.at_level(logging.WARNING, logger="detframe.data.coco"):
+        dataset = load_coco_json(path, tmp_path / "images", on_bad="skip")
+    assert [(r["image_id"], r["file_name"]) for r in dataset] == [
+        (1, str(tmp_path / "images" / "a.jpg"))
+    ]
+    assert "skipped bad entries (duplicate image id: 2)" in caplog.text
 
 
 def _no_file_name(d: dict[str, Any]) -> None:
@@ -305,3 +356,47 @@ def test_image_without_proposals(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert [r["image_id"] for r in dataset] == [1, 3]
     assert len(dataset[1]["proposal_boxes"]) == 3
     assert "skipped bad entries (no proposals: 1)" in caplog.text
+
+
+class _TouchesMarker:
+    """Unpickling this calls open(marker, "w"), which creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def _malicious_proposals(tmp_path: Path, suffix: str, marker: Path) -> Path:
+    boxes = np.zeros((1, 4), np.float32)
+    payload = {"ids": [1], "boxes": [boxes], "objectness": [_TouchesMarker(marker)]}
+    path = tmp_path / f"evil{suffix}"
+    if suffix == ".pkl":
+        path.write_bytes(pickle.dumps(payload))
+    elif suffix == ".npz":
+        scores = np.empty(1, dtype=object)
+        scores[0] = _TouchesMarker(marker)
+        np.savez(path, ids=np.array([1]), boxes=np.zeros((1, 1, 4)), objectness=scores)
+    else:
+        torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".npz", ".pt"])
+def test_proposals_file_that_runs_code_is_refused(tmp_path: Path, suffix: str) -> None:
+    path = _malicious_proposals(tmp_path, suffix, tmp_path / "marker")
+    # the payload works: an unrestricted load creates the marker
+    if suffix == ".pkl":
+        pickle.loads(path.read_bytes())
+    elif suffix == ".npz":
+        np.load(path, allow_pickle=True)["objectness"]
+    else:
+        torch.load(path, weights_only=False)
+    assert (tmp_path / "marker").exists()
+    (tmp_path / "marker").unlink()
+
+    data = _write(tmp_path, _coco())
+    with pytest.raises(DatasetError, match=rf"evil\{suffix}: refused to load: .*(open|needs)"):
+        load_coco_json(data, tmp_path / "images", proposals_file=path, on_bad="skip")
+    assert not (tmp_path / "marker").exists()

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from detframe.config import load_config
 from detframe.data.build import (
     build_test_loader,
     build_train_loader,
@@ -22,6 +21,7 @@ from detframe.data.samplers import (
     InferenceSampler,
     TrainingSampler,
 )
+from detframe.engine.setup import load_config
 
 
 def take(iterable: Any, n: int) -> list[Any]:
@@ -206,7 +206,7 @@ def test_test_loader_covers_shard_in_order_and_rejects_none() -> None:
     dataset = make_dataset(7)
     batches = list(build_test_loader(dataset, random_mapper, batch_size=2, rank=1, world_size=2))
     assert [[s["image_id"] for s in b] for b in batches] == [[4, 5], [6]]
-    with pytest.raises(ValueError, match=r"None for test sample 0 \(0.jpg\)"):
+    with pytest.raises(ValueError, match=r"skipped test sample 0 \(0.jpg: rejected by the mapper"):
         list(build_test_loader(dataset, lambda record: None))
 
 

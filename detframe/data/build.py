@@ -3,15 +3,30 @@
 - `build_train_loader(dataset, mapper, total_batch_size, num_workers, seed, ...)`: a
   `TrainLoader`, an infinite iterable of lists of `total_batch_size / world_size` mapped
   dicts for this rank. Indices come from a `TrainingSampler`; the mapper runs in the
-  DataLoader workers; samples the mapper returns `None` for are skipped and counted
-  (`loader.num_skipped`). `loader.state_dict()` / `load_state_dict()` save and restore the
+  DataLoader workers. `loader.state_dict()` / `load_state_dict()` save and restore the
   position in the data order, so a resumed run draws exactly the batches an uninterrupted
   run would have.
-- `build_test_loader(dataset, mapper, num_workers, batch_size)`: a finite iterable of lists
-  over this rank's `InferenceSampler` shard; a mapper returning `None` is an error here,
-  because evaluation must see every image.
+- `build_test_loader(dataset, mapper, num_workers, batch_size, on_bad=...)`: a `TestLoader`,
+  a finite iterable of lists over this rank's `InferenceSampler` shard.
 - `build_train_loader_from_config(cfg, dataset, mapper)`: the one place that reads the
   config keys declared below.
+
+Skipped samples: a mapper returns `None` for a sample it skips (DatasetMapper does so for a
+missing, corrupt or wrongly sized image under DATALOADER.ON_BAD_DATA=skip) and may count its
+skips by kind in a `skipped: Counter[str]` attribute, as DatasetMapper does. Both loaders
+count the skipped samples by kind (`loader.skipped`, `loader.num_skipped`), log a warning
+naming each file the first time it is skipped, and log a summary: the training loader after
+every pass over this rank's share of the data in which something was skipped, the test
+loader at its end. A loader whose samples are all skipped raises `DatasetError` naming the
+datasets and the count: the training loader once every sample of the dataset was skipped
+without one being kept in between (it would otherwise wait forever), the test loader when
+none of its shard was kept. With `on_bad="error"` the test loader raises on a skipped
+sample, naming its file.
+
+Errors in the mapper: the exception reaches the caller as the mapper raised it (its type and
+message), with a note naming the sample (position, dataset index, file). From a DataLoader
+worker it also carries the worker's traceback as a note, and the traceback is logged on its
+lines, instead of PyTorch's re-raised copy that holds the traceback inside its message.
 
 Determinism: the mapper of a training sample runs with numpy's global RNG, `random` and
 torch's CPU RNG seeded from the sample's key (`TrainingSampler.sample_key`: the seed and the
@@ -25,17 +40,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import pickle
 import random
+import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from detframe.config import declare
 
+from .coco import DatasetError, OnBad
 from .samplers import (
     AspectRatioGroupedBatcher,
     Batcher,
@@ -45,6 +66,9 @@ from .samplers import (
 )
 
 __all__ = [
+    "DataLoaderWorkerError",
+    "SkipCounter",
+    "TestLoader",
     "TrainLoader",
     "build_test_loader",
     "build_train_loader",
@@ -67,10 +91,114 @@ declare(
 )
 
 Mapper = Callable[[dict[str, Any]], dict[str, Any] | None]
+# What a worker sends back for one sample: (mapped dict or None, the skip's kind or None),
+# or the _Failure of the mapper.
+_Mapped = tuple[dict[str, Any] | None, str | None]
+
+_UNKNOWN_KIND = "rejected by the mapper"
+
+
+class DataLoaderWorkerError(RuntimeError):
+    """An exception from a DataLoader worker that could not be sent back as itself (it cannot
+    be pickled); the message gives its type and message."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An exception the mapper raised in a DataLoader worker, sent back to the main process.
+
+    Attributes:
+        sample: names the sample, e.g. "training sample 5 (dataset index 3, file a.jpg)".
+        worker: the worker's id.
+        summary: "<type>: <message>" of the exception.
+        traceback: the worker's formatted traceback.
+        error: the exception itself, when it survives pickling; else None.
+    """
+
+    sample: str
+    worker: int
+    summary: str
+    traceback: str
+    error: BaseException | None
+
+    @classmethod
+    def of(cls, error: Exception, sample: str, worker: int) -> _Failure:
+        try:
+            pickle.loads(pickle.dumps(error))
+            sendable: BaseException | None = error
+        except Exception:
+            sendable = None
+        summary = "".join(traceback.format_exception_only(error)).strip()
+        formatted = "".join(traceback.format_exception(error)).rstrip()
+        return cls(sample, worker, summary, formatted, sendable)
+
+    def reraise(self) -> NoReturn:
+        """Logs the worker's traceback and raises its exception (see the module docstring)."""
+        logger.error(
+            "DataLoader worker %d failed on %s:\n%s", self.worker, self.sample, self.traceback
+        )
+        error = self.error if self.error is not None else DataLoaderWorkerError(self.summary)
+        error.add_note(f"while mapping {self.sample} in DataLoader worker {self.worker}")
+        error.add_note(f"the worker's traceback:\n{self.traceback}")
+        raise error
+
+
+def _describe(dataset: Sequence[dict[str, Any]], index: int, what: str) -> str:
+    """Names a sample for messages: "<what> (dataset index i, file f)"."""
+    return f"{what} (dataset index {index}, file {dataset[index].get('file_name', '?')})"
+
+
+def _map(mapper: Mapper, dataset: Sequence[dict[str, Any]], index: int, what: str) -> Any:
+    """`mapper(dataset[index])` as `_Mapped`; in a DataLoader worker an exception becomes a
+    `_Failure`, in the main process it is raised with a note naming the sample."""
+    counts = getattr(mapper, "skipped", None)
+    before = Counter(counts) if isinstance(counts, Counter) else None
+    try:
+        mapped = mapper(dataset[index])
+    except Exception as error:
+        worker = get_worker_info()
+        if worker is None:
+            error.add_note(f"while mapping {_describe(dataset, index, what)}")
+            raise
+        return _Failure.of(error, _describe(dataset, index, what), worker.id)
+    if mapped is not None:
+        return mapped, None
+    kinds = counts - before if before is not None else Counter()
+    return None, next(iter(kinds), _UNKNOWN_KIND)
+
+
+class SkipCounter:
+    """Counts skipped samples by kind and logs them (see the module docstring).
+
+    Args:
+        source: names the data in messages, e.g. "DATASETS.TRAIN ['a', 'b']".
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.by_kind: Counter[str] = Counter()
+        self._files: set[str] = set()
+
+    @property
+    def total(self) -> int:
+        """Samples skipped so far."""
+        return sum(self.by_kind.values())
+
+    def add(self, kind: str, file_name: str) -> None:
+        """Counts one skipped sample; warns the first time `file_name` is skipped."""
+        self.by_kind[kind] += 1
+        if file_name not in self._files:
+            self._files.add(file_name)
+            logger.warning("%s: skipping %s (%s)", self.source, file_name, kind)
+
+    @staticmethod
+    def format(counts: Counter[str]) -> str:
+        """ "kind: n, ..." in sorted order."""
+        return ", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items()))
 
 
 class _MappedDataset(Dataset):
-    """`mapper(dataset[i])` for a test loader; the mapper returning `None` is an error."""
+    """index -> (index, `_map` of dataset[index]), for a test loader."""
 
     def __init__(self, dataset: Sequence[dict[str, Any]], mapper: Mapper) -> None:
         self.dataset = dataset
@@ -79,12 +207,8 @@ class _MappedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        mapped = self.mapper(self.dataset[index])
-        if mapped is None:
-            name = self.dataset[index].get("file_name", "?")
-            raise ValueError(f"the mapper returned None for test sample {index} ({name})")
-        return mapped
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, _map(self.mapper, self.dataset, index, f"test sample {index}")
 
 
 @contextlib.contextmanager
@@ -115,8 +239,8 @@ class _PositionedSampler(Sampler[tuple[int, int, int]]):
 
 
 class _TrainingSamples(Dataset):
-    """(position, index, key) -> (position, mapper(dataset[index]) under `_seeded_rngs(key)`);
-    the mapped sample may be `None` (skipped by the batcher)."""
+    """(position, index, key) -> (position, index, `_map` of dataset[index] under
+    `_seeded_rngs(key)`)."""
 
     def __init__(self, dataset: Sequence[dict[str, Any]], mapper: Mapper) -> None:
         self.dataset = dataset
@@ -125,10 +249,62 @@ class _TrainingSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int, int]) -> tuple[int, dict[str, Any] | None]:
+    def __getitem__(self, item: tuple[int, int, int]) -> tuple[int, int, Any]:
         position, index, key = item
         with _seeded_rngs(key):
-            return position, self.mapper(self.dataset[index])
+            mapped = _map(self.mapper, self.dataset, index, f"training sample {position}")
+        return position, index, mapped
+
+
+class _CountedSamples:
+    """The (position, sample or None) pairs a Batcher groups, from the DataLoader's
+    (position, index, `_Mapped` or `_Failure`) items: raises failures, counts skips, logs a
+    summary after every pass with skips, and raises when a whole dataset's worth of distinct
+    samples was skipped with none kept."""
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        dataset: Sequence[dict[str, Any]],
+        pass_length: int,
+        source: str,
+    ) -> None:
+        self.loader = loader
+        self.dataset = dataset
+        self.pass_length = pass_length
+        self.skips = SkipCounter(source)
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        unusable: set[int] = set()  # distinct indices skipped since the last kept sample
+        in_pass: Counter[str] = Counter()
+        for drawn, (position, index, result) in enumerate(self.loader, start=1):
+            if isinstance(result, _Failure):
+                result.reraise()
+            sample, kind = result
+            if sample is None:
+                self.skips.add(kind, self.dataset[index].get("file_name", "?"))
+                in_pass[kind] += 1
+                unusable.add(index)
+                if len(unusable) == len(self.dataset):
+                    raise DatasetError(
+                        f"{self.skips.source}: no training sample can be used: all "
+                        f"{len(self.dataset)} images were skipped ({self.skips.total} skips: "
+                        f"{SkipCounter.format(self.skips.by_kind)}); fix or remove the files "
+                        "named in the warnings above"
+                    )
+            else:
+                unusable.clear()
+            if drawn % self.pass_length == 0 and in_pass:
+                logger.warning(
+                    "%s: skipped %d of the %d samples of the last pass (%s); %d skipped in all",
+                    self.skips.source,
+                    sum(in_pass.values()),
+                    self.pass_length,
+                    SkipCounter.format(in_pass),
+                    self.skips.total,
+                )
+                in_pass.clear()
+            yield position, sample
 
 
 def _identity(batch: Any) -> Any:
@@ -141,12 +317,14 @@ class TrainLoader:
 
     Args:
         sampler: the index stream; repositioned by `load_state_dict`.
-        batcher: groups the DataLoader's positioned samples into batches.
+        batcher: groups the positioned samples into batches.
+        skips: counts the samples the mapper skipped (see the module docstring).
     """
 
-    def __init__(self, sampler: TrainingSampler, batcher: Batcher) -> None:
+    def __init__(self, sampler: TrainingSampler, batcher: Batcher, skips: SkipCounter) -> None:
         self.sampler = sampler
         self.batcher = batcher
+        self.skips = skips
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         return iter(self.batcher)
@@ -158,8 +336,13 @@ class TrainLoader:
 
     @property
     def num_skipped(self) -> int:
-        """Samples the mapper rejected so far."""
-        return self.batcher.num_skipped
+        """Samples the mapper skipped so far on this rank (a metric to log)."""
+        return self.skips.total
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Samples the mapper skipped so far on this rank, by kind."""
+        return Counter(self.skips.by_kind)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the data order is: {"next_position", "pending"} (see `Batcher.state_dict`)."""
@@ -188,6 +371,7 @@ def build_train_loader(
     rank: int | None = None,
     world_size: int | None = None,
     start: int = 0,
+    source: str = "the training data",
 ) -> TrainLoader:
     """An infinite iterable of batches (lists of mapped dicts) for this rank.
 
@@ -201,9 +385,11 @@ def build_train_loader(
         filter_empty: drop dataset dicts with no non-crowd annotation first.
         rank, world_size: this process's shard; default from `torch.distributed`.
         start: indices of this rank's sampler stream to skip (see `TrainingSampler`).
+        source: names the data in messages, e.g. "DATASETS.TRAIN ['coco_2017_train']".
 
     Returns:
-        A `TrainLoader`; its `num_skipped` counts the samples the mapper rejected.
+        A `TrainLoader`; its `num_skipped` and `skipped` count the samples the mapper
+        skipped. Iterating it raises `DatasetError` when every sample is skipped.
 
     Raises:
         ValueError: `total_batch_size` not divisible by the world size, or no data left.
@@ -216,11 +402,14 @@ def build_train_loader(
     if filter_empty:
         kept = [record for record in dataset if _has_instances(record)]
         logger.info(
-            "dropped %d of %d images without annotations", len(dataset) - len(kept), len(dataset)
+            "%s: dropped %d of %d images without annotations",
+            source,
+            len(dataset) - len(kept),
+            len(dataset),
         )
         dataset = kept
     if not dataset:
-        raise ValueError("the training dataset is empty (after filtering empty images)")
+        raise ValueError(f"{source} is empty (after filtering images without annotations)")
     sampler = TrainingSampler(
         len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start
     )
@@ -232,14 +421,16 @@ def build_train_loader(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
+    samples = _CountedSamples(loader, dataset, math.ceil(len(dataset) / world_size), source)
     batcher = AspectRatioGroupedBatcher if aspect_ratio_grouping else Batcher
-    return TrainLoader(sampler, batcher(loader, total_batch_size // world_size))
+    return TrainLoader(sampler, batcher(samples, total_batch_size // world_size), samples.skips)
 
 
 def build_train_loader_from_config(
     cfg: DictConfig, dataset: Sequence[dict[str, Any]], mapper: Mapper
 ) -> TrainLoader:
-    """`build_train_loader` with SOLVER.IMS_PER_BATCH, DATALOADER.* and SEED from `cfg`.
+    """`build_train_loader` with SOLVER.IMS_PER_BATCH, DATALOADER.* and SEED from `cfg`;
+    `dataset` holds the dicts of DATASETS.TRAIN, which messages name.
 
     A null SEED is replaced by a random one, which is logged; with more than one process
     that would give each rank a different order, so SEED must then be set (the launcher
@@ -259,7 +450,89 @@ def build_train_loader_from_config(
         seed=seed,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        source=f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}",
     )
+
+
+class TestLoader:
+    """Batches (lists of mapped dicts) over this rank's shard of a dataset, once per
+    iteration; skipped samples are left out of the batches (see the module docstring).
+
+    `len()` is the number of batches before skipping. After an iteration, `num_skipped` and
+    `skipped` count what it skipped.
+
+    Args:
+        loader: a DataLoader over `_MappedDataset` whose batches are lists of its items.
+        dataset: the dataset dicts (for the file names in messages).
+        on_bad: "error" raises on a skipped sample, "skip" leaves it out and counts it.
+        source: names the dataset in messages.
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        dataset: Sequence[dict[str, Any]],
+        on_bad: OnBad,
+        source: str,
+    ) -> None:
+        self.loader = loader
+        self.dataset = dataset
+        self.on_bad = on_bad
+        self.skips = SkipCounter(source)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_skipped(self) -> int:
+        """Samples skipped in the last iteration."""
+        return self.skips.total
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Samples skipped in the last iteration, by kind."""
+        return Counter(self.skips.by_kind)
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        self.skips = skips = SkipCounter(self.skips.source)
+        total = 0
+        for items in self.loader:
+            batch = []
+            for index, result in items:
+                if isinstance(result, _Failure):
+                    result.reraise()
+                sample, kind = result
+                total += 1
+                if sample is not None:
+                    batch.append(sample)
+                    continue
+                file_name = self.dataset[index].get("file_name", "?")
+                if self.on_bad == "error":
+                    raise DatasetError(
+                        f"{skips.source}: the mapper skipped test sample {index} ({file_name}: "
+                        f"{kind}) but evaluation must see every image: fix the file, or set "
+                        "DATALOADER.ON_BAD_DATA=skip to evaluate without it"
+                    )
+                skips.add(kind, file_name)
+            if batch:
+                yield batch
+        if not skips.total:
+            return
+        if skips.total == total:
+            raise DatasetError(
+                f"{skips.source}: no test sample can be used: all {total} images of this "
+                f"process's share were skipped ({SkipCounter.format(skips.by_kind)})"
+            )
+        logger.warning(
+            "%s: skipped %d of %d test images (%s); the metrics are of the other %d",
+            skips.source,
+            skips.total,
+            total,
+            SkipCounter.format(skips.by_kind),
+            total - skips.total,
+        )
 
 
 def build_test_loader(
@@ -268,22 +541,32 @@ def build_test_loader(
     num_workers: int = 0,
     batch_size: int = 1,
     *,
+    on_bad: OnBad = "error",
+    dataset_name: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-) -> DataLoader:
+) -> TestLoader:
     """A finite iterable of lists of mapped dicts over this rank's shard of `dataset`.
 
     Args:
         dataset: dataset dicts.
-        mapper: dataset dict -> mapped dict; returning `None` raises ValueError.
+        mapper: dataset dict -> mapped dict, or `None` to skip the sample.
         num_workers: DataLoader worker processes; 0 maps in this process.
-        batch_size: samples per list (the last list may be shorter).
+        batch_size: samples mapped per list (a list is shorter when samples were skipped,
+            and the last may be shorter).
+        on_bad: what a skipped sample does (DATALOADER.ON_BAD_DATA): "error" raises
+            `DatasetError` naming its file, "skip" leaves it out, counts and logs it.
+        dataset_name: named in messages.
         rank, world_size: this process's shard; default from `torch.distributed`.
     """
-    return DataLoader(
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    loader = DataLoader(
         _MappedDataset(dataset, mapper),
         sampler=InferenceSampler(len(dataset), rank=rank, world_size=world_size),
         batch_size=batch_size,
         collate_fn=_identity,
         num_workers=num_workers,
     )
+    source = f"dataset {dataset_name!r}" if dataset_name else "the test data"
+    return TestLoader(loader, dataset, on_bad, source)

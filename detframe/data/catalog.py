@@ -16,13 +16,16 @@ Registering is cheap: nothing is read or generated until a dataset is loaded. Th
 splits "shapes_train" and "shapes_val" are registered here; loading one generates it (once,
 cached) under `default_shapes_root()/<name>`, resolved at load time. Your own COCO data:
 `register_coco(name, json_file, image_root)` from a module listed under `IMPORTS`.
+
+`check_num_classes(num_classes, names)` compares a model's number of classes with the
+datasets' `thing_classes` before anything is trained.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ __all__ = [
     "DATASETS",
     "DatasetCatalog",
     "DatasetEntry",
+    "check_num_classes",
     "register_coco",
     "register_from_config",
     "register_from_config_entry",
@@ -261,3 +265,35 @@ def register_shapes(
 
 register_shapes("shapes_train")
 register_shapes("shapes_val")
+
+
+def check_num_classes(
+    num_classes: int,
+    dataset_names: Sequence[str],
+    key: str = "MODEL.ROI_HEADS.NUM_CLASSES",
+    catalog: DatasetCatalog = DATASETS,
+) -> None:
+    """Checks that every dataset of `dataset_names` has `num_classes` categories.
+
+    With fewer classes than categories the last ones would be trained as background, or
+    crash the loss; with more, the extra classes would never be trained and evaluation could
+    not map their detections to category ids. A model without classes (a proposal network)
+    simply does not call this.
+
+    Args:
+        num_classes: the model's number of foreground classes.
+        dataset_names: registered datasets (e.g. DATASETS.TRAIN and DATASETS.TEST).
+        key: the config key `num_classes` came from, for the message.
+
+    Raises:
+        ConfigError: a dataset's number of `thing_classes` differs; the message names the
+            key, both numbers, the dataset and its classes.
+    """
+    for name in dataset_names:
+        classes = list(catalog.metadata(name).get("thing_classes", []))
+        if len(classes) != num_classes:
+            shown = ", ".join(map(repr, classes[:10])) + (", ..." if len(classes) > 10 else "")
+            raise ConfigError(
+                f"{key} is {num_classes} but dataset {name!r} has {len(classes)} categories "
+                f"({shown}): set {key}={len(classes)}"
+            )

@@ -18,7 +18,12 @@ Conventions:
 
 - COCO category ids (any ints) map to contiguous ids 0..K-1 in increasing COCO id order;
   `coco_metadata` gives both directions and the class names in that order.
-- An annotation without `segmentation` (or with an empty list) has no "segmentation" key.
+- An annotation without `segmentation` (or with an empty list) has no "segmentation" key;
+  in a file where other annotations have one, that is bad data (a non-crowd annotation's
+  mask target would be empty).
+- Every image id is used by one image: the entries of an id used more than once are bad
+  (the error names all of them; "skip" drops them all, since their annotations cannot be
+  attributed).
   Uncompressed RLE (a list of counts, as COCO's crowd regions use) is converted to a
   compressed RLE with str counts, so every RLE in the output has the same form.
 - Crowd regions (`iscrowd: 1`) are kept with iscrowd=1; the mapper ignores them in training
@@ -37,10 +42,11 @@ import logging
 import math
 import os
 import pickle
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -154,9 +160,15 @@ def _segmentation(segm: Any, where: str, height: int, width: int) -> Any:
 
 
 def _annotation(
-    ann: Any, json_file: Any, images: dict[Any, dict[str, Any]], id_map: dict[int, int]
+    ann: Any,
+    json_file: Any,
+    images: dict[Any, dict[str, Any]],
+    id_map: dict[int, int],
+    masks_expected: bool,
 ) -> tuple[Any, dict[str, Any]]:
-    """(image id, output annotation) of one COCO annotation; raises _BadEntryError if it is bad."""
+    """(image id, output annotation) of one COCO annotation; raises _BadEntryError if it is
+    bad. With `masks_expected` (other annotations of the file have a segmentation), a
+    non-crowd annotation without one is bad: its mask target would be empty."""
     if not isinstance(ann, dict):
         raise _BadEntryError("missing key", f"{json_file}: an annotation is not an object: {ann!r}")
     where = f"{json_file}: annotation id {ann.get('id')!r} (image id {ann.get('image_id')!r})"
@@ -199,17 +211,43 @@ def _annotation(
     segm = _segmentation(ann.get("segmentation", []), where, image["height"], image["width"])
     if segm is not None:
         out["segmentation"] = segm
+    elif masks_expected and not out["iscrowd"]:
+        raise _BadEntryError(
+            "no segmentation",
+            f"{where}: the segmentation is missing or empty, but other annotations of the file "
+            "have one: its mask target would be empty",
+        )
     return ann["image_id"], out
 
 
-def _image(image: Any, json_file: Any, image_root: str) -> dict[str, Any]:
-    """The output record (without annotations) of one COCO image; raises _BadEntryError if bad."""
+def _duplicate_image_ids(images: list[Any], json_file: Any) -> dict[Any, str]:
+    """Image id -> a message naming every entry of `images` that uses it, for the ids used
+    more than once."""
+    entries: dict[Any, list[str]] = {}
+    for i, image in enumerate(images):
+        if isinstance(image, dict) and isinstance(image.get("id"), int | str):
+            entries.setdefault(image["id"], []).append(f"images[{i}] ({image.get('file_name')!r})")
+    return {
+        image_id: f"{json_file}: image id {image_id!r} is used by {' and '.join(where)}: "
+        "their annotations cannot be told apart"
+        for image_id, where in entries.items()
+        if len(where) > 1
+    }
+
+
+def _image(
+    image: Any, json_file: Any, image_root: str, duplicates: dict[Any, str]
+) -> dict[str, Any]:
+    """The output record (without annotations) of one COCO image; raises _BadEntryError if
+    bad, or if its id is one of `duplicates` (see `_duplicate_image_ids`)."""
     if not isinstance(image, dict):
         raise _BadEntryError("missing key", f"{json_file}: an image is not an object: {image!r}")
     where = f"{json_file}: image id {image.get('id')!r}"
     for key in _IMAGE_KEYS:
         if key not in image:
             raise _BadEntryError("missing key", f"{where}: missing key {key!r}")
+    if image["id"] in duplicates:
+        raise _BadEntryError("duplicate image id", duplicates[image["id"]])
     if not all(isinstance(image[k], int) and image[k] > 0 for k in ("height", "width")):
         raise _BadEntryError(
             "bad image size",
@@ -228,17 +266,107 @@ def _image(image: Any, json_file: Any, image_root: str) -> dict[str, Any]:
     }
 
 
+# What a proposals pickle may build besides plain containers and numbers: numpy arrays,
+# dtypes and scalars (numpy 1 and 2 module names), as numpy pickles them.
+_SAFE_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        *(
+            (module, name)
+            for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+            for name in ("_reconstruct", "scalar")
+        ),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "complex"),
+        ("collections", "OrderedDict"),
+    }
+)
+
+
+class _ProposalsUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, plain containers and numbers only: any other global (a
+    function or class that loading would call) is refused, so no code runs from the file."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"it needs {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(file: IO[bytes], path: Path) -> Any:
+    """A pickle from `file` (part of `path`) read by `_ProposalsUnpickler`."""
+    try:
+        return _ProposalsUnpickler(file).load()
+    except pickle.UnpicklingError as e:
+        raise DatasetError(
+            f"{path}: refused to load: {e}, and a proposals file may hold only numpy arrays, "
+            "lists, dicts and numbers (loading it would run code from the file)"
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DatasetError(f"{path}: not a readable pickle: {e}") from e
+
+
+def _read_npz(path: Path) -> dict[str, Any]:
+    """The arrays of an .npz file; object arrays (ragged per-image boxes) are unpickled by
+    `_ProposalsUnpickler`, the others read with `allow_pickle=False`."""
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if not member.endswith(".npy"):
+                continue
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    _, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    _, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise DatasetError(f"{path}: {member}: unsupported .npy version {version}")
+                if dtype.hasobject:
+                    arrays[member.removesuffix(".npy")] = _unpickle(f, path)
+                    continue
+            with archive.open(member) as f:
+                arrays[member.removesuffix(".npy")] = np.lib.format.read_array(
+                    f, allow_pickle=False
+                )
+    return arrays
+
+
 def _read_proposals_file(path: Path) -> dict[str, Any]:
+    """The dict a proposals file holds, read without running code from it (see
+    `load_proposals`)."""
     suffix = path.suffix.lower()
+    if suffix not in (".pkl", ".pickle", ".npz", ".pt", ".pth"):
+        raise DatasetError(f"{path}: unknown proposals file type {suffix!r}; use .pkl, .npz or .pt")
+    if not path.is_file():
+        raise DatasetError(f"{path}: proposals file not found")
     if suffix in (".pkl", ".pickle"):
         with open(path, "rb") as f:
-            return pickle.load(f)
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=True) as npz:
-            return {key: npz[key] for key in npz.files}
-    if suffix in (".pt", ".pth"):
-        return torch.load(path, map_location="cpu", weights_only=True)
-    raise DatasetError(f"{path}: unknown proposals file type {suffix!r}; use .pkl, .npz or .pt")
+            data = _unpickle(f, path)
+    elif suffix == ".npz":
+        try:
+            data = _read_npz(path)
+        except zipfile.BadZipFile as e:
+            raise DatasetError(f"{path}: not a readable .npz file: {e}") from e
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            refusal = next((line for line in str(e).splitlines() if "Unsupported" in line), "")
+            raise DatasetError(
+                f"{path}: refused to load: it needs code to load ({refusal.strip()}); a .pt "
+                "proposals file may hold only tensors, lists, dicts and numbers"
+            ) from None
+    if not isinstance(data, dict):
+        raise DatasetError(
+            f"{path}: expected a dict with ids, boxes, objectness, got {type(data).__name__}"
+        )
+    return data
 
 
 def load_proposals(
@@ -249,7 +377,13 @@ def load_proposals(
 
     The file (.pkl/.pickle, .npz or .pt) holds a dict with "ids" (N image ids), "boxes" (N
     arrays [R_i, 4], XYXY absolute pixels) and "objectness" (N arrays [R_i], higher is
-    better; detectron2's key "objectness_logits" is accepted too).
+    better; detectron2's key "objectness_logits" is accepted too). It is read without
+    running code from it: a pickle (and an .npz's object arrays) may hold only numpy arrays,
+    plain containers and numbers, a .pt only what `torch.load(weights_only=True)` reads.
+
+    Raises:
+        DatasetError: the file is missing, unreadable, needs code to load, or lacks a key
+            (the message names the file).
     """
     path = Path(proposals_file)
     data = _read_proposals_file(path)
@@ -323,14 +457,19 @@ def load_coco_json(
 
     records: dict[Any, dict[str, Any]] = {}
     raw_images: dict[Any, dict[str, Any]] = {}
+    duplicates = _duplicate_image_ids(data["images"], json_file)
     for image in data["images"]:
-        record = attempt(lambda image=image: _image(image, json_file, str(image_root)))
+        record = attempt(lambda image=image: _image(image, json_file, str(image_root), duplicates))
         if record is not None:
             records[record["image_id"]] = record
         if isinstance(image, dict) and "id" in image:
             raw_images[image["id"]] = image
-    for ann in data.get("annotations", []):
-        result = attempt(lambda ann=ann: _annotation(ann, json_file, raw_images, id_map))
+    annotations = data.get("annotations", [])
+    masks_expected = any(isinstance(ann, dict) and ann.get("segmentation") for ann in annotations)
+    for ann in annotations:
+        result = attempt(
+            lambda ann=ann: _annotation(ann, json_file, raw_images, id_map, masks_expected)
+        )
         if result is not None and result[0] in records:  # else its image was skipped
             records[result[0]]["annotations"].append(result[1])
 

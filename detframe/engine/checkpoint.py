@@ -13,24 +13,40 @@ random states ("rng", see `capture_rng_state`) and the position of its data stre
 
 Writes are atomic: the file is written to `NAME.pth.tmp`, flushed to disk, then renamed over
 `NAME.pth`; `last_checkpoint` is replaced the same way, after the checkpoint. A crash during
-a write leaves the previous checkpoint and `last_checkpoint` as they were.
+a write leaves the previous checkpoint and `last_checkpoint` as they were; a failed write
+(e.g. a full disk) raises OSError naming the file and the cause, and removes its temporary
+file. Temporary files a killed process left are removed, with a log line, by
+`remove_stale_temporaries`.
+
+Resuming never destroys a run: `load_for_resume` loads the newest checkpoint that can be read
+(by the iteration it holds; the one `last_checkpoint` names wins a tie) and logs why any newer
+one was passed over (missing, truncated, unreadable). When OUTPUT_DIR holds a run (a
+checkpoint, `last_checkpoint` or metrics.jsonl) but no checkpoint can be read, it raises
+`ResumeError` naming every file and why, and writes nothing; an OUTPUT_DIR without a run is a
+fresh start.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from fvcore.common.checkpoint import Checkpointer as _FvcoreCheckpointer
 
+from .writers import METRICS_FILE_NAME
+
 __all__ = [
     "Checkpointer",
+    "ResumeError",
     "capture_rng_state",
     "checkpoint_iteration",
     "prune_checkpoints",
@@ -42,18 +58,71 @@ logger = logging.getLogger(__name__)
 _PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Calls `write(file)` on `path.tmp`, fsyncs it and renames it to `path`."""
-    temporary = path.with_name(path.name + ".tmp")
+_TEMPORARY_SUFFIX = ".tmp"
+
+
+class ResumeError(RuntimeError):
+    """OUTPUT_DIR holds a run, but none of its checkpoints can be resumed from."""
+
+
+class _KeptWriteErrors:
+    """A binary file that keeps the OSError of a failed write: torch.save reports one as a
+    RuntimeError of its zip writer ("enforce fail at inline_container.cc"), without the cause."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # the file's other methods (flush, tell, ...)
+        return getattr(self.file, name)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Calls `write(file)` on `path.tmp`, fsyncs it and renames it to `path`.
+
+    Raises:
+        OSError: the file cannot be written (the message names `path` and the cause, e.g. no
+            space left on device); `path` is as it was and `path.tmp` is removed.
+    """
+    temporary = path.with_name(path.name + _TEMPORARY_SUFFIX)
     try:
         with open(temporary, "wb") as f:
-            write(f)
+            file = _KeptWriteErrors(f)
+            try:
+                write(file)
+            except Exception as error:
+                if file.error is None:
+                    raise
+                raise file.error from error
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        cause = os.strerror(error.errno) if error.errno else str(error)
+        name = f" ({errno.errorcode[error.errno]})" if error.errno in errno.errorcode else ""
+        raise OSError(
+            error.errno, f"cannot write {path}: {cause}{name}; nothing was replaced"
+        ) from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _reason(error: BaseException) -> str:
+    """Why a file cannot be read, in one line, from the exception torch.load raised."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, pickle.UnpicklingError):
+        refusal = [line for line in lines if "WeightsUnpickler error" in line]
+        return "it needs code to load (refused: " + (refusal or lines or ["?"])[0] + ")"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 class Checkpointer(_FvcoreCheckpointer):
@@ -93,21 +162,92 @@ class Checkpointer(_FvcoreCheckpointer):
             raise ValueError(f"{f} is not a detframe checkpoint (no 'model' entry)")
         return checkpoint
 
-    def load_for_resume(self) -> dict[str, Any]:
-        """Loads the last checkpoint into the model and every checkpointable, strictly.
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Deletes the `*.pth.tmp` and `last_checkpoint.tmp` files an interrupted write left in
+        save_dir (on the process that saves), logging each; returns their paths."""
+        if not self.save_dir or not self.save_to_disk:
+            return []
+        folder = Path(self.save_dir)
+        stale = [*folder.glob(f"*.pth{_TEMPORARY_SUFFIX}")]
+        stale += [*folder.glob(f"last_checkpoint{_TEMPORARY_SUFFIX}")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+            logger.info("Deleted %s, left by an interrupted checkpoint write", path)
+        return stale
+
+    def _candidates(self) -> tuple[list[tuple[int, Path]], dict[Path, str]]:
+        """The checkpoints of save_dir that open, newest first, as (iteration, path), and the
+        reason each other checkpoint (or the file last_checkpoint names) cannot be used."""
+        folder = Path(self.save_dir)
+        tagged = (folder / "last_checkpoint").read_text().strip() if self.has_checkpoint() else ""
+        unusable: dict[Path, str] = {}
+        if tagged and not (folder / tagged).is_file():
+            unusable[folder / tagged] = "last_checkpoint names it, but it does not exist"
+        found = []
+        for path in folder.glob("model_*.pth"):
+            try:
+                # mmap reads the structure, not the tensors; a truncated file fails here.
+                header = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:
+                unusable[path] = _reason(error)
+                continue
+            iteration = header.get("iteration") if isinstance(header, dict) else None
+            if iteration is None:
+                iteration = checkpoint_iteration(path)
+            found.append((-1 if iteration is None else int(iteration), path.name == tagged, path))
+        found.sort(key=lambda item: item[:2], reverse=True)
+        return [(iteration, path) for iteration, _, path in found], unusable
+
+    def load_for_resume(
+        self, run_files: Sequence[str] = (METRICS_FILE_NAME,)
+    ) -> dict[str, Any] | None:
+        """Loads the newest readable checkpoint of save_dir into the model and every
+        checkpointable, strictly (see the module docstring).
+
+        Args:
+            run_files: other files whose presence in save_dir means that a run was there.
 
         Returns:
-            The rest of the checkpoint ("iteration", "world_size", "ranks").
+            The rest of the checkpoint ("iteration", "world_size", "ranks"), or None when
+            save_dir holds no run (no checkpoint, no last_checkpoint, none of `run_files`).
 
         Raises:
-            FileNotFoundError: there is no last checkpoint in save_dir.
-            ValueError: the checkpoint's model keys differ from the model's, or it lacks a
-                checkpointable (a resume must restore everything).
+            ResumeError: save_dir holds a run, but no checkpoint in it can be read.
+            ValueError: the checkpoint read is not a detframe checkpoint, its model keys
+                differ from the model's, or it lacks a checkpointable (a resume must restore
+                everything).
         """
-        path = self.get_checkpoint_file()
-        if not self.has_checkpoint() or not os.path.isfile(path):
-            raise FileNotFoundError(f"no checkpoint to resume from in {self.save_dir}")
-        checkpoint = self._load_file(path)
+        folder = Path(self.save_dir)
+        candidates, unusable = self._candidates()
+        for iteration, path in candidates:
+            try:
+                checkpoint = self._load_file(str(path))
+            except ValueError:
+                raise
+            except Exception as error:
+                unusable[path] = _reason(error)
+                continue
+            for skipped, reason in unusable.items():
+                logger.warning("Not resuming from %s: %s", skipped, reason)
+            logger.info("Resuming from %s (iteration %d)", path, iteration)
+            return self._restore(path, checkpoint)
+        present = [
+            *(path.name for path in unusable),
+            *(name for name in ("last_checkpoint", *run_files) if (folder / name).is_file()),
+        ]
+        if not present:
+            return None
+        details = "; ".join(f"{path}: {reason}" for path, reason in unusable.items())
+        raise ResumeError(
+            f"cannot resume the run in {folder}: it holds {', '.join(sorted(set(present)))} "
+            f"but no checkpoint that can be read{': ' + details if details else ''}. Nothing "
+            "was changed; start a new run in another OUTPUT_DIR, or without resuming (which "
+            "overwrites this one)"
+        )
+
+    def _restore(self, path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """Loads `checkpoint` (read from `path`) into the model and the checkpointables;
+        returns the rest of it."""
         missing = sorted(set(self.checkpointables) - set(checkpoint))
         if missing:
             raise ValueError(f"{path} cannot be resumed from: it has no {', '.join(missing)}")
@@ -119,7 +259,6 @@ class Checkpointer(_FvcoreCheckpointer):
             )
         for key, obj in self.checkpointables.items():
             obj.load_state_dict(checkpoint.pop(key))
-        logger.info("Resumed from %s", path)
         return checkpoint
 
 

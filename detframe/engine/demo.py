@@ -11,8 +11,11 @@ Conventions:
   folders) gets "-1", "-2", ... in input order. Names are decided before anything is
   written, so they do not depend on what the folder already holds (existing files are
   overwritten).
-- Pictures are written as the images are processed: when an image cannot be read the error
-  names it, and the pictures of the images before it stay.
+- Pictures are written as the images are processed. An image that cannot be read (missing,
+  or not decodable) is, with `on_bad="error"` (DATALOADER.ON_BAD_DATA), an error naming it,
+  and the pictures of the images before it stay; with `on_bad="skip"` it is skipped with a
+  warning naming it, the skips are counted by kind and summarised at the end, and only when
+  no image at all could be read is it an error.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
+from detframe.data.coco import OnBad
 from detframe.engine.predictor import Predictor, read_image
 from detframe.utils.visualizer import draw_instances
 
@@ -82,6 +86,7 @@ def run_demo(
     class_names: Sequence[str] | None = None,
     *,
     score_threshold: float = 0.5,
+    on_bad: OnBad = "error",
 ) -> list[Path]:
     """Predicts on each image, draws the detections with score >= `score_threshold`, and
     writes the pictures into `output_dir` (created if needed).
@@ -92,22 +97,35 @@ def run_demo(
         output_dir: the folder for the pictures.
         class_names: the name of each contiguous class id, for the labels (ids otherwise).
         score_threshold: detections with a lower score are not drawn.
+        on_bad: an image that cannot be read: "error" raises, "skip" skips and counts it.
 
     Returns:
-        The paths written, one per input, in input order.
+        The paths written, one per image read, in input order.
 
     Raises:
-        FileNotFoundError, ValueError: an image is missing or cannot be decoded (named).
+        FileNotFoundError, ValueError: with on_bad="error", an image is missing or cannot be
+            decoded (named); with "skip", no image could be read.
         OSError: a picture cannot be written.
     """
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    skipped: Counter[str] = Counter()
     names = _output_names(images)
     for image_path, name in tqdm(
         zip(images, names, strict=True), total=len(images), unit="img", desc="demo"
     ):
-        image = read_image(image_path)
+        try:
+            image = read_image(image_path)
+        except (FileNotFoundError, ValueError) as error:
+            if on_bad == "error":
+                raise
+            kind = "missing image file" if isinstance(error, FileNotFoundError) else "corrupt image"
+            skipped[kind] += 1
+            logger.warning("skipping %s (%s)", image_path, kind)
+            continue
         instances = predictor(image)
         drawn = draw_instances(image, instances, class_names, score_threshold=score_threshold)
         out_path = output_dir / name
@@ -116,4 +134,9 @@ def run_demo(
         num_drawn = int((instances.scores >= score_threshold).sum())
         logger.info("%s: %d detections drawn -> %s", image_path, num_drawn, out_path)
         written.append(out_path)
+    if skipped:
+        counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(skipped.items()))
+        if not written:
+            raise ValueError(f"none of the {len(images)} images could be read ({counts})")
+        logger.warning("skipped %d of %d images (%s)", sum(skipped.values()), len(images), counts)
     return written

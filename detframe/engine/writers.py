@@ -169,13 +169,22 @@ class JSONWriter(MetricsWriter):
         if not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        lines = self.path.read_text().splitlines()
+        for line in lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict) and record.get("iteration", math.inf) < start_iter:
                 kept.append(line + "\n")
+        if len(kept) < len(lines):
+            logger.info(
+                "%s: dropped %d of %d lines (iterations >= %d, or cut by a crash)",
+                self.path,
+                len(lines) - len(kept),
+                len(lines),
+                start_iter,
+            )
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_text("".join(kept))
         os.replace(temporary, self.path)
