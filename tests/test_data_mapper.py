@@ -14,7 +14,12 @@ import torch
 from detframe.data.catalog import DatasetCatalog, register_shapes
 from detframe.data.coco import DatasetError, load_coco_json
 from detframe.data.mapper import DatasetMapper
-from detframe.data.transforms import RandomFlip, ResizeShortestEdge
+from detframe.data.transforms import (
+    RandomFlip,
+    ResizeShortestEdge,
+    TorchvisionResizeShortestEdge,
+)
+from detframe.registry import MAPPER_REGISTRY, build
 from detframe.structures.masks import BitMasks
 
 
@@ -120,6 +125,25 @@ def test_rle_with_polygon_format_raises_naming_the_file(tmp_path: Path) -> None:
     record = _coco_dataset(tmp_path)[0]
     with pytest.raises(DatasetError, match=r"a\.png.*RLE"):
         DatasetMapper(True, [], mask_on=True, mask_format="polygon")(record)
+
+
+@pytest.mark.parametrize("segmentation", [None, []])
+def test_mask_target_without_segmentation_raises_naming_the_annotation(
+    tmp_path: Path, segmentation: list | None
+) -> None:
+    record = _coco_dataset(tmp_path)[0]
+    annotation = dict(record["annotations"][0])
+    if segmentation is None:
+        del annotation["segmentation"]
+    else:
+        annotation["segmentation"] = segmentation
+    record = {**record, "annotations": [annotation]}
+    for mask_format in ("polygon", "bitmask"):
+        mapper = DatasetMapper(True, [], mask_on=True, mask_format=mask_format)
+        with pytest.raises(DatasetError, match=rf"{record['file_name']}: annotation .* has no seg"):
+            mapper(record)
+    # A box-only model does not need them.
+    assert len(DatasetMapper(True, [], mask_on=False)(record)["instances"]) == 1
 
 
 def test_eval_mode_has_no_instances_unless_asked(tmp_path: Path) -> None:
@@ -228,10 +252,10 @@ def test_unseeded_mapper_follows_numpy_global_state(tmp_path: Path) -> None:
     assert boxes(1) != boxes(2)
 
 
-def test_from_config_builds_train_and_test_mappers() -> None:
+def _config(resize_method: str):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create(
+    return OmegaConf.create(
         {
             "INPUT": {
                 "MIN_SIZE_TRAIN": [32, 40],
@@ -241,14 +265,57 @@ def test_from_config_builds_train_and_test_mappers() -> None:
                 "FORMAT": "RGB",
                 "RANDOM_FLIP": "none",
                 "MASK_FORMAT": "bitmask",
+                "RESIZE_METHOD": resize_method,
             },
             "MODEL": {"MASK_ON": True},
             "DATALOADER": {"ON_BAD_DATA": "skip"},
         }
     )
+
+
+def test_from_config_builds_train_and_test_mappers() -> None:
+    cfg = _config("opencv")
     train = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True))
     assert train.is_train and train.mask_on and train.mask_format == "bitmask"
     assert train.on_bad == "skip"
     assert [type(a).__name__ for a in train.augmentations] == ["ResizeShortestEdge"]
+    assert train.augmentations[0].short_edge_lengths == (32, 40)
     test = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=False))
     assert test.augmentations[0].short_edge_lengths == (36,) and test.image_format == "RGB"
+    assert test.augmentations[0].max_size == 80 and not test.is_train
+    # Registered under its class name, with the registry's protocol from_config(cfg, is_train).
+    assert MAPPER_REGISTRY.get("DatasetMapper") is DatasetMapper
+    built = build(MAPPER_REGISTRY, "DatasetMapper", cfg, True)
+    assert isinstance(built, DatasetMapper) and built.is_train
+
+
+def test_torchvision_resize_method_gives_torchvision_pixels_and_targets(tmp_path: Path) -> None:
+    """INPUT.RESIZE_METHOD=torchvision: the image is torchvision's float resize of the file
+    (float32 in training, float64 at test), boxes and masks follow it as torchvision's do."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    (record,) = [r for r in _coco_dataset(tmp_path) if r["annotations"]]
+    rgb = torch.from_numpy(cv2.imread(record["file_name"])[:, :, ::-1].copy()).permute(2, 0, 1)
+    cfg = _config("torchvision")
+    test = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=False))
+    assert [type(a) for a in test.augmentations] == [TorchvisionResizeShortestEdge]
+    out = test(record)
+    expected, _ = _resize_image_and_masks(rgb.double(), 36, 80)
+    assert out["image"].dtype == torch.float64 and torch.equal(out["image"], expected)
+
+    train = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True), seed=0)
+    out = train(record)
+    size = out["image"].shape[1]
+    assert out["image"].dtype == torch.float32 and size in (32, 40)
+    instances = out["instances"]
+    rle = mask_util.decode(record["annotations"][1]["segmentation"])
+    expected, target = _resize_image_and_masks(
+        rgb.float(), size, 90, {"masks": torch.from_numpy(rle)[None]}
+    )
+    assert torch.equal(out["image"], expected)
+    assert instances.image_size == tuple(expected.shape[1:])
+    scale = torch.tensor([expected.shape[2] / 60, expected.shape[1] / 40] * 2)
+    first = torch.tensor(record["annotations"][0]["bbox"], dtype=torch.float32)  # XYXY
+    torch.testing.assert_close(instances.gt_boxes.tensor[0], first * scale)
+    # The RLE annotation is resized as a bitmask, by torchvision's nearest interpolation.
+    assert torch.equal(instances.gt_masks.tensor[1], target["masks"][0].bool())

@@ -1,15 +1,23 @@
-"""Tests of detframe.data.transforms: geometry of each transform and determinism."""
+"""Tests of detframe.data.transforms: geometry of each transform and determinism.
+
+The torchvision resize is checked against torchvision's own `_resize_image_and_masks` and
+`resize_boxes` (the functions its detectors' GeneralizedRCNNTransform calls).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torchvision.models.detection.transform import _resize_image_and_masks, resize_boxes
 
 from detframe.data.transforms import (
     FlipTransform,
     RandomFlip,
     ResizeShortestEdge,
     ResizeTransform,
+    TorchvisionResizeShortestEdge,
+    TorchvisionResizeTransform,
     apply_transforms,
 )
 
@@ -92,3 +100,84 @@ def test_transform_list_chains_in_order() -> None:
     )
     assert image.shape == (20, 40, 3)
     np.testing.assert_allclose(tl.apply_boxes(np.array([[1, 2, 3, 4]])), [[34, 4, 38, 8]])
+
+
+# --- torchvision's resize ----------------------------------------------------------------
+
+MEAN = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(3, 1, 1)
+
+
+def _random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# (H, W, min_size, max_size): shrink by the shorter side, shrink by the longer side (the cap
+# binds), enlarge, and a scale whose product with a side is just below an integer.
+SIZES = [(333, 517, 320, 512), (600, 400, 320, 400), (50, 75, 64, 200), (100, 300, 77, 1000)]
+
+
+@pytest.mark.parametrize(("height", "width", "min_size", "max_size"), SIZES)
+def test_torchvision_resize_equals_torchvision_on_image_masks_and_boxes(
+    height: int, width: int, min_size: int, max_size: int
+) -> None:
+    image = _random_image(height, width)
+    masks = np.random.default_rng(1).random((2, height, width)) > 0.5
+    boxes = np.array([[3.5, 7.25, 40.0, 33.0], [0.0, 0.0, width, height]], np.float32)
+    tv_image = torch.from_numpy(image).permute(2, 0, 1).double()
+    tv_resized, target = _resize_image_and_masks(
+        tv_image, min_size, max_size, {"masks": torch.from_numpy(masks).to(torch.uint8)}
+    )
+    aug = TorchvisionResizeShortestEdge((min_size,), max_size, dtype=np.float64)
+    t = aug.get_transform(image, np.random.default_rng(0))
+    assert isinstance(t, TorchvisionResizeTransform)
+    assert (t.new_height, t.new_width) == tuple(tv_resized.shape[-2:])
+
+    out = t.apply_image(image)
+    assert out.dtype == np.float64 and out.shape == (t.new_height, t.new_width, 3)
+    assert torch.equal(torch.from_numpy(out).permute(2, 0, 1), tv_resized)
+    # torchvision normalises before it resizes, detframe's model after: the same to rounding.
+    normalised_first, _ = _resize_image_and_masks((tv_image / 255 - MEAN) / STD, min_size, max_size)
+    resized_first = (torch.from_numpy(out).permute(2, 0, 1) / 255 - MEAN) / STD
+    torch.testing.assert_close(resized_first, normalised_first, rtol=0, atol=1e-13)
+
+    resized_masks = t.apply_bitmasks(masks)
+    assert resized_masks.dtype == bool
+    np.testing.assert_array_equal(resized_masks, target["masks"].numpy().astype(bool))
+    expected_boxes = resize_boxes(
+        torch.from_numpy(boxes), [height, width], list(tv_resized.shape[-2:])
+    )
+    np.testing.assert_allclose(t.apply_boxes(boxes), expected_boxes.numpy(), rtol=1e-6)
+    coords = t.apply_coords(np.array([10.0, 20.0]))
+    np.testing.assert_allclose(
+        coords, [10 * t.new_width / width, 20 * t.new_height / height], rtol=1e-15
+    )
+
+
+def test_torchvision_resize_keeps_grey_images_and_rejects_bad_arguments() -> None:
+    t = TorchvisionResizeTransform(10, 20, 1.5)
+    grey = t.apply_image(_image(10, 20)[:, :, 0])
+    assert grey.shape == (15, 30) and grey.dtype == np.float32
+    assert t.apply_image(_image(10, 20)[:, :, :1]).shape == (15, 30, 1)
+    assert t.apply_bitmasks(np.zeros((0, 10, 20), np.uint8)).shape == (0, 15, 30)
+    with pytest.raises(ValueError, match="expected 10x20"):
+        t.apply_image(_image(11, 20))
+    with pytest.raises(ValueError, match="dtype"):
+        TorchvisionResizeTransform(10, 20, 1.5, dtype=np.uint8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scale"):
+        TorchvisionResizeTransform(10, 20, 0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        TorchvisionResizeShortestEdge((10,), 20, dtype=np.float16)  # type: ignore[arg-type]
+
+
+def test_torchvision_resize_chains_with_a_flip() -> None:
+    image = _random_image(20, 30)
+    out, tl = apply_transforms(
+        [TorchvisionResizeShortestEdge((40,), 100), RandomFlip(prob=1.0)],
+        image,
+        np.random.default_rng(0),
+    )
+    assert out.shape == (40, 60, 3) and out.dtype == np.float32
+    expected, _ = _resize_image_and_masks(torch.from_numpy(image).permute(2, 0, 1).float(), 40, 100)
+    np.testing.assert_array_equal(out, expected.permute(1, 2, 0).numpy()[:, ::-1])
+    np.testing.assert_allclose(tl.apply_boxes(np.array([[1, 2, 3, 4]])), [[54, 4, 58, 8]])

@@ -1,8 +1,5 @@
-"""Predictor, read_image, list_images and run_demo on a small random-weight Mask R-CNN.
-
-The Predictor is checked against the model called directly on an image resized by hand
-(cv2.INTER_LINEAR, as detframe's ResizeShortestEdge does, to the size worked out below).
-"""
+"""read_image, list_images and run_demo on a small random-weight Mask R-CNN (the Predictor
+itself is checked in test_predictor.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +13,11 @@ import pytest
 import torch
 from test_rcnn_model import ROOT, SMALL
 
-from detframe.config import load_config
 from detframe.engine.demo import list_images, run_demo
 from detframe.engine.predictor import Predictor, read_image
+from detframe.engine.setup import load_config
 from detframe.modeling import GeneralizedRCNN, build_model
+from detframe.structures import Boxes, Instances
 from detframe.utils.visualizer import draw_instances
 
 CONFIG = ROOT / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_1x.yaml"
@@ -41,76 +39,6 @@ def write_png(path: Path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), image)
     return path
-
-
-# (H, W) -> (H', W') for min_size 64, max_size 128:
-#   30 x 100: 64 / 30 would make the width 213 > 128, so the scale is 128 / 100 = 1.28:
-#             38.4 -> 38 rows, 128 columns;
-#   50 x 75:  64 / 50 = 1.28 gives a width of 96 <= 128: 64 x 96.
-@pytest.mark.parametrize("image_format", ["RGB", "BGR"])
-@pytest.mark.parametrize(("size", "resized"), [((30, 100), (38, 128)), ((50, 75), (64, 96))])
-def test_predictor_equals_the_model_on_a_hand_resized_image(
-    image_format: str, size: tuple[int, int], resized: tuple[int, int]
-) -> None:
-    cfg, model = config_and_model(image_format)
-    predictor = Predictor.from_config(cfg, model)
-    image = random_bgr(*size)
-    channels = image[:, :, ::-1] if image_format == "RGB" else image
-    expected_input = cv2.resize(
-        np.ascontiguousarray(channels), resized[::-1], interpolation=cv2.INTER_LINEAR
-    )
-    expected_tensor = torch.from_numpy(expected_input).permute(2, 0, 1).contiguous()
-
-    seen = []
-    hook = model.register_forward_pre_hook(
-        lambda module, args: seen.append((args[0], module.training, torch.is_grad_enabled()))
-    )
-    model.train()
-    try:
-        output = predictor(image)
-    finally:
-        hook.remove()
-    assert model.training and all(m.training for m in model.modules())
-
-    ((inputs,), training, grad_enabled) = seen[0]
-    assert not training and not grad_enabled
-    assert inputs["image"].dtype == torch.uint8
-    assert torch.equal(inputs["image"], expected_tensor)
-    assert (inputs["height"], inputs["width"]) == size
-
-    model.eval()
-    with torch.no_grad():
-        (expected,) = model([{"image": expected_tensor, "height": size[0], "width": size[1]}])
-    model.train()
-    assert len(expected) > 0, "the comparison needs detections"
-    assert output.image_size == size
-    assert torch.equal(output.pred_boxes.tensor, expected.pred_boxes.tensor)
-    assert torch.equal(output.scores, expected.scores)
-    assert torch.equal(output.pred_classes, expected.pred_classes)
-    assert output.pred_masks.shape == (len(expected), *size)
-    assert torch.equal(output.pred_masks, expected.pred_masks)
-
-
-def test_predictor_keeps_evaluation_mode_and_reads_its_config() -> None:
-    cfg, model = config_and_model("BGR")
-    predictor = Predictor.from_config(cfg, model)
-    assert predictor.image_format == "BGR"
-    assert predictor.resize.short_edge_lengths == (64,) and predictor.resize.max_size == 128
-    model.eval()
-    predictor(random_bgr(40, 40))
-    assert not model.training
-    model.train()
-
-
-def test_predictor_rejects_bad_images_and_formats() -> None:
-    _, model = config_and_model("BGR")
-    predictor = Predictor(model)
-    with pytest.raises(ValueError, match="uint8"):
-        predictor(np.zeros((20, 20, 3), dtype=np.float32))
-    with pytest.raises(ValueError, match=r"\(20, 20\)"):
-        predictor(np.zeros((20, 20), dtype=np.uint8))
-    with pytest.raises(ValueError, match="image_format"):
-        Predictor(model, image_format="YUV")  # type: ignore[arg-type]
 
 
 def test_read_image_gives_three_bgr_channels(tmp_path: Path) -> None:
@@ -215,3 +143,32 @@ def test_run_demo_unreadable_image_is_named_and_earlier_pictures_stay(tmp_path: 
     with pytest.raises(ValueError, match=r"broken\.jpg"):
         run_demo(predictor, [first, broken, last], tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.png"]
+
+
+def test_run_demo_skips_and_counts_unreadable_images_under_skip(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def predictor(image: np.ndarray) -> Instances:  # no detections: only reading matters here
+        return Instances(
+            image.shape[:2],
+            pred_boxes=Boxes(torch.zeros(0, 4)),
+            scores=torch.zeros(0),
+            pred_classes=torch.zeros(0, dtype=torch.int64),
+        )
+
+    first = write_png(tmp_path / "first.png", random_bgr(20, 30))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    missing = tmp_path / "missing.png"
+    last = write_png(tmp_path / "last.png", random_bgr(20, 30, seed=1))
+    with caplog.at_level(logging.WARNING, logger="detframe.engine.demo"):
+        written = run_demo(
+            predictor, [first, broken, missing, last], tmp_path / "out", on_bad="skip"
+        )
+    assert written == [tmp_path / "out" / "first.png", tmp_path / "out" / "last.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.png", "last.png"]
+    assert f"skipping {broken} (corrupt image)" in caplog.text
+    assert f"skipping {missing} (missing image file)" in caplog.text
+    assert "skipped 2 of 4 images (corrupt image: 1, missing image file: 1)" in caplog.text
+    with pytest.raises(ValueError, match=r"none of the 2 images could be read \(corrupt image: 1"):
+        run_demo(predictor, [broken, missing], tmp_path / "out2", on_bad="skip")

@@ -1,4 +1,5 @@
-"""Loading weights: torchvision detection and ImageNet checkpoints, detframe checkpoints.
+"""Loading weights: torchvision detection and ImageNet checkpoints, detframe checkpoints,
+and the files that do not fit a model (errors naming the format, keys and shapes).
 
 The torchvision state dicts come from torchvision's own models (random weights, no
 download); the key names of its published v1 files are made from them by the renames its
@@ -7,20 +8,23 @@ modules' `_load_from_state_dict` undo.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torchvision.models import resnet18, resnet50
+from torch import nn
+from torchvision.models import resnet18, resnet34, resnet50, vgg16
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.modeling import (
     build_model,
     convert_torchvision_detection,
@@ -103,20 +107,30 @@ def test_load_weights_reads_torchvision_files_directly(tv_state, model, tmp_path
     )
 
 
-def test_other_class_counts_are_reported_and_skipped(tv_state, tmp_path) -> None:
+def test_other_class_counts_are_skipped_for_fine_tuning_only(tv_state, tmp_path) -> None:
     model = build_model(
         load_config(TV_MASK_CONFIG, ["MODEL.DEVICE=cpu", "MODEL.ROI_HEADS.NUM_CLASSES=5"])
     )
     before = model.roi_heads.box_predictor.cls_score.weight.clone()
     path = tmp_path / "tv.pth"
     torch.save(tv_state, path)
-    report = load_weights(model, str(path))
+    with pytest.raises(
+        ValueError,
+        match=r"strict loading.*roi_heads\.box_predictor\.cls_score\.weight \(file \(91, 1024\), "
+        r"model \(6, 1024\)\)",
+    ):
+        load_weights(model, str(path))
+    assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, before)
+    report = load_weights(model, str(path), strict=False)
     assert any(
         m.startswith("roi_heads.box_predictor.cls_score.weight (file (91, 1024), model (6, 1024))")
         for m in report.mismatched
     )
     assert len(report.mismatched) == 6  # cls_score, bbox_pred, mask predictor: weight and bias
     assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, before)
+    assert torch.equal(
+        model.roi_heads.box_head.fc1.weight, tv_state["roi_heads.box_head.fc6.weight"]
+    )
     assert "with a different shape (skipped)" in str(report)
 
 
@@ -124,19 +138,93 @@ def test_imagenet_resnet_goes_into_the_backbone(tmp_path) -> None:
     tv_resnet = resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(tv_resnet.state_dict(), path)
-    model = build_model(
-        load_config(
-            TV_MASK_CONFIG,
-            ["MODEL.DEVICE=cpu", "MODEL.RESNETS.DEPTH=18", f"MODEL.WEIGHTS={path}"],
-        )
-    )
+    model = build_model(load_config(TV_MASK_CONFIG, ["MODEL.DEVICE=cpu", "MODEL.RESNETS.DEPTH=18"]))
+    head_before = model.roi_heads.box_head.fc1.weight.clone()
+    report = load_weights(model, str(path), strict=False)
+    assert report.format == "torchvision_classifier"
+    assert report.missing == report.unexpected == report.mismatched == []
+    assert report.loaded == report.total == 20 * 4 + 20  # 20 convs, 20 frozen norms (4 each)
     bottom_up = model.backbone.bottom_up.state_dict()
     for key, value in tv_resnet.state_dict().items():
         if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
             assert torch.equal(bottom_up[key], value), key
-    report = load_weights(model, str(path))
-    assert report.format == "torchvision_classifier"
-    assert report.missing == report.unexpected == []
+    assert torch.equal(model.roi_heads.box_head.fc1.weight, head_before)
+    # An ImageNet classifier is not a model to evaluate.
+    with pytest.raises(ValueError, match=r"resnet18\.pth.*ImageNet classifier.*strict=False"):
+        load_weights(model, str(path))
+
+
+def test_a_file_that_fits_nothing_is_an_error(model, tmp_path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"model": {"encoder.weight": torch.zeros(3), "decoder.bias": torch.zeros(2)}}, path)
+    for strict in (True, False):
+        with pytest.raises(
+            ValueError,
+            match=r"other\.pth \(detframe\) is not a checkpoint of this model: only 0 of its "
+            r"\d+ tensors.*not in the file: backbone\.bottom_up\.conv1\.weight, .*"
+            r"2 keys of the file are not in the model: encoder\.weight, decoder\.bias",
+        ):
+            load_weights(model, str(path), strict=strict)
+
+
+def test_a_vgg_classifier_for_a_resnet_model_is_an_error(model, tmp_path) -> None:
+    with torch.device("meta"):  # torchvision's vgg16 keys and shapes, without the cost
+        layout = vgg16(weights=None).state_dict()
+    path = tmp_path / "vgg16.pth"
+    torch.save({k: torch.zeros(v.shape) for k, v in layout.items()}, path)
+    before = model.backbone.bottom_up.conv1.weight.clone()
+    with pytest.raises(
+        ValueError,
+        match=r"vgg16\.pth: the file looks like an ImageNet classifier \(torchvision_classifier\) "
+        r"but does not fit the modules that take one, backbone\.bottom_up \(ResNet\): "
+        r"\d+ of the \d+ tensors they need are not in it \(conv1\.weight, bn1\.weight, .*"
+        r"32 of its keys fit none of them \(features\.0\.weight, features\.0\.bias",
+    ):
+        load_weights(model, str(path), strict=False)
+    assert torch.equal(model.backbone.bottom_up.conv1.weight, before)
+    with pytest.raises(ValueError, match="no module of the Sequential takes ImageNet weights"):
+        load_weights(nn.Sequential(nn.Linear(2, 2)), str(path), strict=False)
+
+
+def test_an_imagenet_resnet_of_another_depth_is_an_error(tmp_path) -> None:
+    path = tmp_path / "resnet34.pth"
+    torch.save(resnet34().state_dict(), path)
+    model = build_model(load_config(TV_MASK_CONFIG, ["MODEL.DEVICE=cpu", "MODEL.RESNETS.DEPTH=18"]))
+    with pytest.raises(ValueError, match=r"keys fit none of them \(layer1\.2\.conv1\.weight"):
+        load_weights(model, str(path), strict=False)
+
+
+def test_another_fc_dim_is_an_error_for_evaluation(model, tmp_path) -> None:
+    narrow = build_model(
+        load_config(TV_MASK_CONFIG, ["MODEL.DEVICE=cpu", "MODEL.ROI_BOX_HEAD.FC_DIM=128"])
+    )
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": narrow.state_dict()}, path)
+    before = model.roi_heads.box_head.fc1.weight.clone()
+    with pytest.raises(
+        ValueError,
+        match=r"model_final\.pth \(detframe\) does not fit the model \(strict loading\): "
+        r"6 keys of another shape: roi_heads\.box_head\.fc1\.weight \(file \(128, 12544\), "
+        r"model \(1024, 12544\)\), roi_heads\.box_head\.fc1\.bias \(file \(128,\), model "
+        r"\(1024,\)\), roi_heads\.box_head\.fc2\.weight \(file \(128, 128\), model "
+        r"\(1024, 1024\)\)",
+    ):
+        load_weights(model, str(path))
+    assert torch.equal(model.roi_heads.box_head.fc1.weight, before)
+
+
+def test_missing_heads_are_an_error_for_evaluation_only(tv_state, model, tmp_path, caplog) -> None:
+    path = tmp_path / "fasterrcnn.pth"
+    torch.save({k: v for k, v in tv_state.items() if "mask" not in k}, path)
+    with pytest.raises(
+        ValueError,
+        match=r"12 keys of the model are not in the file: roi_heads\.mask_head\.mask_fcn1\.weight",
+    ):
+        load_weights(model, str(path))
+    with caplog.at_level(logging.WARNING, logger="detframe.modeling.weights"):
+        report = load_weights(model, str(path), strict=False)
+    assert len(report.missing) == 12 and report.loaded == report.total - 12
+    assert "12 keys missing from the file (left as initialised)" in caplog.text
 
 
 def test_detframe_checkpoints_round_trip(model, tmp_path) -> None:
@@ -191,3 +279,12 @@ def test_convert_script_writes_a_checkpoint_load_weights_takes(tv_state, model, 
         cwd=ROOT,
     )
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_convert_script_refuses_an_imagenet_classifier(tmp_path, capsys) -> None:
+    tool = runpy.run_path(str(ROOT / "tools" / "convert_torchvision.py"))
+    source = tmp_path / "resnet18.pth"
+    torch.save(resnet18().state_dict(), source)
+    assert tool["main"]([str(source), str(tmp_path / "out.pth")]) == 1
+    assert "looks like torchvision_classifier" in capsys.readouterr().err
+    assert not (tmp_path / "out.pth").exists()

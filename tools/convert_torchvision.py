@@ -1,16 +1,16 @@
-"""Converts a torchvision detection or ImageNet checkpoint into a detframe checkpoint.
+"""Converts a torchvision detection checkpoint into a detframe checkpoint.
 
     python tools/convert_torchvision.py maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth out.pth
 
 The input is a torchvision `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` (v1) state
-dict, or an ImageNet ResNet one, as a local file or a URL (downloaded through torch.hub's
-cache). The output is {"model": state_dict} in detframe's key names, which
-`MODEL.WEIGHTS=out.pth` loads (with configs/torchvision/*.yaml for a detection checkpoint).
-`MODEL.WEIGHTS` also takes torchvision's files directly and converts them as it loads; a
-converted file only saves doing that each time, and can be inspected.
+dict, as a local file or a URL (downloaded through torch.hub's cache). The output is
+{"model": state_dict} in detframe's key names, which `MODEL.WEIGHTS=out.pth` loads with
+configs/torchvision/*.yaml. `MODEL.WEIGHTS` also takes torchvision's files directly and
+converts them as it loads; a converted file only saves doing that each time, and can be
+inspected.
 
-For an ImageNet checkpoint the keys are put under --prefix (default
-"backbone.bottom_up.", the ResNet of an FPN backbone).
+An ImageNet classifier (`resnet50-*.pth`) needs no conversion: `MODEL.WEIGHTS` takes it as it
+is, and the model's backbone maps its keys (see detframe/modeling/weights.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from detframe.modeling.weights import (
-    convert_torchvision_classifier,
     convert_torchvision_detection,
     read_state_dict,
     state_dict_format,
@@ -34,28 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="torchvision checkpoint: a file path or URL")
     parser.add_argument("output", type=Path, help="where to write the detframe checkpoint")
-    parser.add_argument(
-        "--prefix",
-        default="backbone.bottom_up.",
-        help="module path of the ResNet, for ImageNet checkpoints (default: %(default)s)",
-    )
     args = parser.parse_args(argv)
     try:
         state_dict = read_state_dict(args.source)
+        kind = state_dict_format(state_dict)
+        if kind != "torchvision_detection":
+            raise ValueError(
+                f"{args.source} is not a torchvision detection checkpoint (it looks like "
+                f"{kind}); an ImageNet classifier or a detframe checkpoint is given to "
+                "MODEL.WEIGHTS as it is"
+            )
+        converted = convert_torchvision_detection(state_dict)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    kind = state_dict_format(state_dict)
-    if kind == "torchvision_detection":
-        converted = convert_torchvision_detection(state_dict)
-    elif kind == "torchvision_classifier":
-        converted = convert_torchvision_classifier(state_dict, args.prefix)
-    else:
-        print(
-            f"error: {args.source} is neither a torchvision detection nor an ImageNet ResNet "
-            "checkpoint (it may already be in detframe's names)",
-            file=sys.stderr,
-        )
         return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = args.output.with_name(args.output.name + ".tmp")

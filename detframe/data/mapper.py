@@ -2,7 +2,8 @@
 
 Output of `DatasetMapper.__call__`, for an image resized to H' x W'::
 
-    {"image": uint8 Tensor[3, H', W'] (channels in `image_format`),
+    {"image": Tensor[3, H', W'] in 0..255, channels in `image_format`: uint8, or float after a
+              torchvision resize (INPUT.RESIZE_METHOD; see `DatasetMapper.from_config`),
      "height": int, "width": int (the original size, from the dataset dict),
      "image_id": the dataset dict's image id,
      "instances": Instances(image_size=(H', W'),
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from detframe.config import declare
+from detframe.registry import MAPPER_REGISTRY
 from detframe.structures import Boxes, Instances
 from detframe.structures.coco_format import polygons_to_bitmask, rle_to_bitmask
 from detframe.structures.masks import BitMasks, PolygonMasks
@@ -44,11 +46,12 @@ from .transforms import (
     Augmentation,
     RandomFlip,
     ResizeShortestEdge,
+    TorchvisionResizeShortestEdge,
     TransformList,
     apply_transforms,
 )
 
-__all__ = ["DatasetMapper"]
+__all__ = ["DatasetMapper", "image_to_tensor"]
 
 declare(
     "INPUT.RANDOM_FLIP",
@@ -64,9 +67,36 @@ declare(
     "form of gt_masks: polygons or dense bitmaps",
     choices=("polygon", "bitmask"),
 )
-declare("MODEL.MASK_ON", bool, False, "predict instance masks (the mapper loads mask targets)")
+declare(
+    "INPUT.RESIZE_METHOD",
+    str,
+    "opencv",
+    "resize the uint8 image with OpenCV (detectron2), or the float image as torchvision's "
+    "detectors do (for their checkpoints; the image is then float)",
+    choices=("opencv", "torchvision"),
+)
+declare("DATALOADER.MAPPER", str, "DatasetMapper", "name in MAPPER_REGISTRY")
 
 
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """A model input image: [H, W, 3] array -> [3, H, W] tensor of the same dtype."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def _segmentation(annotation: dict[str, Any], file_name: str) -> list[Any] | dict[str, Any]:
+    """The annotation's segmentation (polygons or RLE); DatasetError when it has none, since
+    a mask target cannot be made up."""
+    segm = annotation.get("segmentation")
+    if not segm:
+        raise DatasetError(
+            f"{file_name}: annotation {annotation.get('id', '?')} has no segmentation, which "
+            "the mask targets need (MODEL.MASK_ON); for a box-only dataset set "
+            "MODEL.MASK_ON=false"
+        )
+    return segm
+
+
+@MAPPER_REGISTRY.register()
 class DatasetMapper:
     """Reads the image of a dataset dict, augments it and builds the targets.
 
@@ -113,15 +143,26 @@ class DatasetMapper:
 
     @classmethod
     def from_config(cls, cfg: Any, is_train: bool) -> dict[str, Any]:
-        """Constructor keyword arguments from INPUT.*, MODEL.MASK_ON and DATALOADER.ON_BAD_DATA."""
+        """Constructor keyword arguments from INPUT.*, MODEL.MASK_ON and DATALOADER.ON_BAD_DATA
+        (the protocol of MAPPER_REGISTRY: `from_config(cfg, is_train)` -> kwargs).
+
+        With INPUT.RESIZE_METHOD "torchvision" the resized image is float32 in training,
+        where the loader's memory counts, and float64 at test time, so that a float64 model
+        gives torchvision's detections to rounding (a float32 model casts it).
+        """
         if is_train:
-            augmentations: list[Augmentation] = [
-                ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, "choice")
-            ]
-            if cfg.INPUT.RANDOM_FLIP != "none":
-                augmentations.append(RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal"))
+            lengths, max_size = list(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN
         else:
-            augmentations = [ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)]
+            lengths, max_size = [cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        resize: Augmentation
+        if cfg.INPUT.RESIZE_METHOD == "torchvision":
+            dtype = np.float32 if is_train else np.float64
+            resize = TorchvisionResizeShortestEdge(lengths, max_size, "choice", dtype)
+        else:
+            resize = ResizeShortestEdge(lengths, max_size, "choice")
+        augmentations = [resize]
+        if is_train and cfg.INPUT.RANDOM_FLIP != "none":
+            augmentations.append(RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal"))
         return {
             "is_train": is_train,
             "augmentations": augmentations,
@@ -166,10 +207,10 @@ class DatasetMapper:
         transforming."""
         height, width = size
         new_size = transforms.apply_image(np.zeros((height, width, 1), np.uint8)).shape[:2]
+        segmentations = [_segmentation(ann, file_name) for ann in annotations]
         if self.mask_format == "polygon":
             polygons = []
-            for ann in annotations:
-                segm = ann.get("segmentation", [])
+            for segm in segmentations:
                 if isinstance(segm, dict):
                     raise DatasetError(
                         f"{file_name}: an RLE segmentation cannot be used with mask_format "
@@ -178,8 +219,7 @@ class DatasetMapper:
                 polygons.append([np.asarray(p, np.float64) for p in segm])
             return PolygonMasks(transforms.apply_polygons(polygons))
         masks = []
-        for ann in annotations:
-            segm = ann.get("segmentation", [])
+        for segm in segmentations:
             if isinstance(segm, dict):
                 mask = rle_to_bitmask(segm)[None]
                 masks.append(transforms.apply_bitmasks(mask)[0])
@@ -217,7 +257,7 @@ class DatasetMapper:
             )
         image, transforms = apply_transforms(self.augmentations, image, rng)
         out: dict[str, Any] = {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": image_to_tensor(image),
             "height": dataset_dict["height"],
             "width": dataset_dict["width"],
             "image_id": dataset_dict["image_id"],

@@ -2,7 +2,8 @@
 
 Shapes and types: an H x W image, N instances.
 
-    image      np.ndarray [H, W, C] uint8 (any channel order; C may be 1)
+    image      np.ndarray [H, W, C] uint8 (any channel order; C may be 1), or float32 /
+               float64 in 0..255 after a `TorchvisionResizeTransform`
     boxes      np.ndarray [N, 4] float XYXY, absolute pixels
     polygons   list [N] of lists of flat float arrays [x0, y0, x1, y1, ...]
     bitmasks   np.ndarray [N, H, W] bool or uint8
@@ -10,12 +11,24 @@ Shapes and types: an H x W image, N instances.
 Coordinates are continuous: pixel (i, j) covers [j, j + 1) x [i, i + 1), so resizing a
 W-wide image to W' pixels maps x to x * W' / W, and flipping it maps x to W - x.
 
-An *augmentation* (`ResizeShortestEdge`, `RandomFlip`) looks at an image, draws its random
-choices from a `numpy.random.Generator` and returns a deterministic *transform*
-(`ResizeTransform`, `FlipTransform`, `NoOpTransform`); `apply_transforms` runs a list of
-augmentations over an image and returns the image and a `TransformList`, which replays the
-same geometry on boxes, polygons and bitmasks. The same generator state gives the same
-choices.
+An *augmentation* (`ResizeShortestEdge`, `TorchvisionResizeShortestEdge`, `RandomFlip`)
+looks at an image, draws its random choices from a `numpy.random.Generator` and returns a
+deterministic *transform* (`ResizeTransform`, `TorchvisionResizeTransform`, `FlipTransform`,
+`NoOpTransform`); `apply_transforms` runs a list of augmentations over an image and returns
+the image and a `TransformList`, which replays the same geometry on boxes, polygons and
+bitmasks. The same generator state gives the same choices.
+
+Two ways to resize (INPUT.RESIZE_METHOD in the mapper):
+
+- "opencv" (detectron2's): the uint8 image with cv2.INTER_LINEAR to round(side * scale)
+  pixels; the image stays uint8.
+- "torchvision": as torchvision's `GeneralizedRCNNTransform` resizes inside its detectors
+  (`_resize_image_and_masks`), so that its checkpoints see the same pixels: the float image
+  with `F.interpolate(scale_factor=scale, mode="bilinear", align_corners=False,
+  recompute_scale_factor=True)` to floor(side * scale) pixels, bitmasks with the same call in
+  "nearest" mode. torchvision normalises before it resizes and detframe's model after; the two
+  agree up to rounding, because bilinear interpolation (weights summing to 1) commutes with
+  the per-channel affine normalisation.
 """
 
 from __future__ import annotations
@@ -25,6 +38,8 @@ from typing import Literal
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 __all__ = [
     "Augmentation",
@@ -33,6 +48,8 @@ __all__ = [
     "RandomFlip",
     "ResizeShortestEdge",
     "ResizeTransform",
+    "TorchvisionResizeShortestEdge",
+    "TorchvisionResizeTransform",
     "Transform",
     "TransformList",
     "apply_transforms",
@@ -47,7 +64,7 @@ class Transform:
     """
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """Reads an image [H, W, C] (or [H, W]) uint8; returns the transformed image."""
+        """Reads an image [H, W, C] (or [H, W]); returns the transformed image."""
         return image
 
     def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
@@ -122,6 +139,74 @@ class ResizeTransform(Transform):
         if not resized:
             return np.zeros((0, self.new_height, self.new_width), dtype=masks.dtype)
         return np.stack(resized)
+
+
+def _check_float_dtype(dtype: type[np.floating]) -> None:
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be np.float32 or np.float64, got {dtype}")
+
+
+class TorchvisionResizeTransform(ResizeTransform):
+    """Resizes by `scale` as torchvision's detectors do (see the module docstring).
+
+    The output is floor(height * scale) x floor(width * scale) pixels, as `F.interpolate`
+    computes it with recompute_scale_factor=True, which then samples the input at the
+    ratio of the two sizes. The image comes out as float `dtype` in the input's units (0..255
+    for a uint8 image), interpolated in that dtype; bitmasks keep their dtype; coordinates are
+    scaled by new_width / width and new_height / height, as torchvision's `resize_boxes` does.
+
+    Args:
+        height, width: the input size.
+        scale: torchvision's scale_factor, min(min_size / min(H, W), max_size / max(H, W)).
+        dtype: np.float32 or np.float64, the output image's dtype.
+    """
+
+    def __init__(
+        self, height: int, width: int, scale: float, dtype: type[np.floating] = np.float32
+    ) -> None:
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        _check_float_dtype(dtype)
+        # F.interpolate's output size for recompute_scale_factor=True (int() truncates).
+        super().__init__(height, width, int(height * scale), int(width * scale))
+        self.scale, self.dtype = scale, dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"TorchvisionResizeTransform({self.height}x{self.width} -> "
+            f"{self.new_height}x{self.new_width}, scale={self.scale})"
+        )
+
+    def _interpolate(self, planes: torch.Tensor, mode: str) -> torch.Tensor:
+        """planes [P, H, W] float (P > 0) -> [P, H', W'] by torchvision's interpolate call, on
+        a contiguous input as torchvision's (a channels-last one could take another kernel)."""
+        if planes.shape[-2:] != (self.height, self.width):
+            raise ValueError(
+                f"{self!r} got an array of size {planes.shape[-2]}x{planes.shape[-1]}, "
+                f"expected {self.height}x{self.width}"
+            )
+        options = {"align_corners": False} if mode == "bilinear" else {}
+        return F.interpolate(
+            planes.contiguous()[None],
+            scale_factor=self.scale,
+            mode=mode,
+            recompute_scale_factor=True,
+            **options,
+        )[0]
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """Reads an image [H, W, C] or [H, W]; returns it resized, [H', W', C] or [H', W'],
+        as `dtype`."""
+        planes = torch.from_numpy(np.asarray(image, dtype=self.dtype))
+        planes = planes.permute(2, 0, 1) if image.ndim == 3 else planes[None]
+        out = self._interpolate(planes, "bilinear")
+        return (out.permute(1, 2, 0) if image.ndim == 3 else out[0]).numpy()
+
+    def apply_bitmasks(self, masks: np.ndarray) -> np.ndarray:
+        if len(masks) == 0:
+            return np.zeros((0, self.new_height, self.new_width), dtype=masks.dtype)
+        planes = torch.from_numpy(np.asarray(masks, dtype=np.float32))
+        return self._interpolate(planes, "nearest").numpy().astype(masks.dtype)
 
 
 class FlipTransform(Transform):
@@ -213,7 +298,7 @@ class ResizeShortestEdge(Augmentation):
         sample_style: "choice" or "range".
 
     The output size is (round(H * s), round(W * s)) with s = length / min(H, W), capped so
-    that max(H, W) * s <= max_size.
+    that max(H, W) * s <= max_size (a `ResizeTransform`, OpenCV).
     """
 
     def __init__(
@@ -247,12 +332,51 @@ class ResizeShortestEdge(Augmentation):
             length = self.short_edge_lengths[int(rng.integers(len(self.short_edge_lengths)))]
         else:
             length = int(rng.integers(self.short_edge_lengths[0], self.short_edge_lengths[1] + 1))
+        return self._transform(height, width, length)
+
+    def _transform(self, height: int, width: int, length: int) -> Transform:
+        """The resize of an image of height x width for a shorter side of `length`."""
         scale = length / min(height, width)
         if max(height, width) * scale > self.max_size:
             scale = self.max_size / max(height, width)
         new_height = max(1, int(height * scale + 0.5))
         new_width = max(1, int(width * scale + 0.5))
         return ResizeTransform(height, width, new_height, new_width)
+
+
+class TorchvisionResizeShortestEdge(ResizeShortestEdge):
+    """`ResizeShortestEdge` as torchvision's detectors resize (a `TorchvisionResizeTransform`).
+
+    Args:
+        short_edge_lengths, max_size, sample_style: as for ResizeShortestEdge (torchvision:
+            "choice" among min_size at training, its last min_size at test time).
+        dtype: np.float32 or np.float64, the resized image's dtype.
+
+    The scale is torchvision's, min(length / min(H, W), max_size / max(H, W)), and the
+    output size is (floor(H * scale), floor(W * scale)).
+    """
+
+    def __init__(
+        self,
+        short_edge_lengths: Sequence[int],
+        max_size: int,
+        sample_style: Literal["choice", "range"] = "choice",
+        dtype: type[np.floating] = np.float32,
+    ) -> None:
+        super().__init__(short_edge_lengths, max_size, sample_style)
+        _check_float_dtype(dtype)
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"TorchvisionResizeShortestEdge({self.short_edge_lengths}, max_size="
+            f"{self.max_size}, sample_style={self.sample_style!r}, "
+            f"dtype={np.dtype(self.dtype).name})"
+        )
+
+    def _transform(self, height: int, width: int, length: int) -> Transform:
+        scale = min(length / min(height, width), self.max_size / max(height, width))
+        return TorchvisionResizeTransform(height, width, scale, self.dtype)
 
 
 class RandomFlip(Augmentation):
@@ -276,7 +400,7 @@ class RandomFlip(Augmentation):
 def apply_transforms(
     augmentations: Sequence[Augmentation], image: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, TransformList]:
-    """Runs `augmentations` in order over `image` [H, W, C] uint8, drawing from `rng`.
+    """Runs `augmentations` in order over `image` [H, W, C], drawing from `rng`.
 
     Returns:
         The transformed image and the TransformList that replays the same geometry on

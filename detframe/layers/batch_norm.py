@@ -1,4 +1,5 @@
-"""Normalisation layers: FrozenBatchNorm2d and `get_norm`, which picks one by name.
+"""Normalisation layers: FrozenBatchNorm2d, `get_norm`, which picks one by name, and
+`conv_norm`, a convolution followed by a norm that folds a frozen batch norm into the conv.
 
 Shapes: x [N, C, H, W] (N images, C channels); per-channel parameters [C].
 
@@ -7,7 +8,11 @@ scale = weight / sqrt(running_var + eps) and shift = bias - running_mean * scale
 backbones use it because their batches are too small for batch statistics. torchvision's v1
 detection checkpoints were trained with eps = 0.0; detectron2 and torchvision's default is
 1e-5. `frozen_bn_affine` returns (scale, shift), so that a convolution followed by a frozen
-batch norm can fold the affine map into its weights (see `detframe.modeling.backbone.resnet`).
+batch norm can fold the affine map into its weights: `conv_norm` runs conv + FrozenBN as one
+convolution whose weight and bias absorb the map (w * scale, b * scale + shift), computed on
+every call from the current parameters, so it is exact after loading weights and gradients
+still reach w. That saves two passes over each feature map per normalisation (the backbones
+that use it: ResNet, FPN, VGG-BN).
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FrozenBatchNorm2d", "frozen_bn_affine", "get_norm"]
+__all__ = ["FrozenBatchNorm2d", "conv_norm", "frozen_bn_affine", "get_norm"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -107,3 +113,30 @@ def get_norm(norm: str, channels: int, eps: float = 1e-5) -> nn.Module | None:
     if norm not in _NORMS:
         raise ValueError(f"norm must be '' or one of {', '.join(_NORMS)}; got {norm!r}")
     return _NORMS[norm](channels, eps)
+
+
+def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, relu: bool) -> Tensor:
+    """`relu(norm(conv(x)))`, as one convolution when `norm` is a FrozenBatchNorm2d.
+
+    Args:
+        x: [N, C_in, H, W].
+        conv: a zero-padded convolution; its weight and bias are used through F.conv2d
+            (so its forward hooks do not run). Its weight may require grad: the gradient
+            flows through the folded weight.
+        norm: applied after `conv`, or None. A FrozenBatchNorm2d is folded in: the weight
+            becomes w * scale [C_out, 1, 1, 1] and the bias b * scale + shift, recomputed on
+            every call.
+        relu: apply a ReLU (in place on the fresh output).
+
+    Returns:
+        [N, C_out, H', W'].
+    """
+    weight, bias = conv.weight, conv.bias
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale, shift = frozen_bn_affine(norm)
+        weight = weight * scale.view(-1, 1, 1, 1).to(weight.dtype)
+        bias = (shift if bias is None else bias * scale + shift).to(weight.dtype)
+    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if norm is not None and not isinstance(norm, FrozenBatchNorm2d):
+        y = norm(y)
+    return F.relu_(y) if relu else y

@@ -1,15 +1,37 @@
 """Weights from files: detframe checkpoints, and torchvision's detection and ImageNet models.
 
-`load_weights(model, path_or_url)` reads a state dict (with `weights_only=True`, so a file
-cannot run code), recognises its layout, converts it when it is torchvision's, and loads it,
-reporting missing, unexpected and mismatched keys:
+`load_weights(model, path_or_url, strict=...)` reads a state dict (with `weights_only=True`,
+so a file cannot run code), recognises its layout (`state_dict_format`), converts it when it
+is torchvision's, checks that it fits the model, and loads it:
 
-- detframe (or any state dict already in detframe's names), also wrapped as {"model": ...};
-- torchvision's `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` (v1 layout; both the key
-  names of its published files and those of its current modules), converted by
-  `convert_torchvision_detection`;
-- torchvision's ImageNet ResNet classifiers (`resnet50-*.pth`), loaded into the model's
-  ResNet by `convert_torchvision_classifier`.
+- "detframe": a state dict in detframe's names (any other layout is read as this one), also
+  wrapped as {"model": ...};
+- "torchvision_detection": torchvision's `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn`
+  (v1 layout; both the key names of its published files and those of its current modules),
+  converted by `convert_torchvision_detection`;
+- "torchvision_classifier": an ImageNet classifier of torchvision (`resnet50-*.pth`,
+  `vgg16-*.pth`), taken by the modules of the model that implement `imagenet_key_map`
+  (`TakesImageNetWeights` in detframe/modeling/backbone/backbone.py: the ResNet of a
+  ResNet backbone), by `convert_torchvision_classifier`.
+
+When a file fits (shorthand: a model tensor *loads* when the file has its key, after
+conversion, with the same shape; `num_batches_tracked` counters are never required):
+
+- always: at least half of the model's tensors load. Less means the file is another
+  architecture's, or a layout not recognised: an error that names the format the file was
+  read as and the first keys on each side, never a model left silently at random.
+- strict=True (evaluation, the demo, the benchmark: the model must be the file's): every
+  tensor of the model loads. A missing key or another shape is an error naming the keys and
+  both shapes (e.g. a box head trained with another FC_DIM). Keys of the file the model lacks
+  are only reported (a Mask R-CNN checkpoint evaluated as a Faster R-CNN).
+- strict=False (initialising a training run, as detectron2 does): keys the file lacks are
+  left as initialised and keys of another shape are skipped, both reported in a warning;
+  this is fine-tuning on another number of classes (the box and mask predictor layers) or
+  with a new head.
+- an ImageNet classifier initialises only the modules that take it, so it needs
+  strict=False; each of those modules must load completely, and every key of the file must
+  be read or deliberately left out by one of them (a VGG file for a ResNet, or a ResNet-101
+  for a ResNet-50, is an error naming the keys).
 
 torchvision's detectors put the background at class 0 of K+1 logits and predict boxes and
 masks for it too; detframe puts it last and predicts none for it. The conversion moves the
@@ -22,13 +44,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .backbone.resnet import ResNet
+from .backbone.backbone import ImageNetKeyMap, TakesImageNetWeights
 from .checkpoint_io import read_state_dict
 
 __all__ = [
@@ -43,6 +65,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, Tensor]
+
+# Below this share of the model's tensors loading, a file is not a checkpoint of the model.
+_MIN_LOADED_FRACTION = 0.5
+# Keys named in a message, per list.
+_SHOWN_KEYS = 8
 
 # torchvision detection key -> detframe key. A replacement is a string (re.sub template) or a
 # function of the match. Optional groups cover both the published files' names and today's.
@@ -95,17 +122,21 @@ _TV_DETECTION_RENAMES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]
 
 @dataclass
 class LoadReport:
-    """What `load_weights` could not load: keys missing from the file, keys of the file the
-    model does not have, and keys whose shapes differ (those are skipped)."""
+    """What `load_weights` loaded: `loaded` of the model's `total` tensors (see the module
+    docstring), and the keys it could not: missing from the file (left as initialised), in
+    the file but not in the model (ignored), and of another shape (skipped; each entry is
+    "key (file shape, model shape)")."""
 
     source: str
     format: str
+    loaded: int = 0
+    total: int = 0
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"loaded {self.source} ({self.format})"]
+        lines = [f"loaded {self.loaded} of {self.total} tensors from {self.source} ({self.format})"]
         for name, keys in (
             ("missing from the file (left as initialised)", self.missing),
             ("in the file but not in the model (ignored)", self.unexpected),
@@ -116,12 +147,22 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _first(keys: Sequence[str]) -> str:
+    """The first keys of a list, for a message."""
+    if not keys:
+        return "none"
+    more = f", ... ({len(keys)} in all)" if len(keys) > _SHOWN_KEYS else ""
+    return ", ".join(keys[:_SHOWN_KEYS]) + more
+
+
 def state_dict_format(state_dict: Mapping[str, Tensor]) -> str:
-    """ "torchvision_detection", "torchvision_classifier" or "detframe"."""
+    """The layout a state dict is in: "torchvision_detection" (keys under backbone.body.),
+    "torchvision_classifier" (a classification head: fc.* as ResNet's, classifier.* as
+    VGG's) or "detframe" (anything else)."""
     keys = state_dict.keys()
     if any(k.startswith("backbone.body.") for k in keys):
         return "torchvision_detection"
-    if "fc.weight" in keys and "conv1.weight" in keys:
+    if any(k.startswith(("fc.", "classifier.")) for k in keys):
         return "torchvision_classifier"
     return "detframe"
 
@@ -168,44 +209,106 @@ def _move_background_last(sd: StateDict) -> None:
             sd[key] = sd[key][1:]
 
 
-def convert_torchvision_classifier(state_dict: Mapping[str, Tensor], prefix: str) -> StateDict:
-    """torchvision ImageNet ResNet -> keys of the ResNet at `prefix` (e.g.
-    "backbone.bottom_up."); the classifier (fc) is dropped."""
-    return {
-        prefix + k: v
-        for k, v in state_dict.items()
-        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
-    }
+def _imagenet_parts(model: nn.Module) -> list[tuple[str, ImageNetKeyMap]]:
+    """(prefix of the module's keys in the model, its key map) of every module of `model`
+    that takes ImageNet weights."""
+    parts = []
+    for name, module in model.named_modules():
+        if isinstance(module, TakesImageNetWeights):
+            key_map = module.imagenet_key_map()
+            if key_map is not None:
+                parts.append((f"{name}." if name else "", key_map))
+    return parts
 
 
-def _resnet_prefix(model: nn.Module) -> str:
-    names = [name for name, m in model.named_modules() if isinstance(m, ResNet)]
-    if len(names) != 1:
-        raise ValueError(
-            f"an ImageNet ResNet checkpoint needs exactly one ResNet in the model, found "
-            f"{len(names)}"
-        )
-    return f"{names[0]}." if names[0] else ""
+def convert_torchvision_classifier(state_dict: Mapping[str, Tensor], model: nn.Module) -> StateDict:
+    """An ImageNet classifier's state dict -> {key of `model`: tensor}, through the
+    `imagenet_key_map` of each module of `model` that takes ImageNet weights (e.g. the
+    ResNet of an FPN backbone: "layer1.0.conv1.weight" -> "backbone.bottom_up.layer1...").
 
-
-def load_weights(model: nn.Module, path_or_url: str) -> LoadReport:
-    """Loads weights from a file or URL into `model` (see the module docstring).
-
-    Keys whose shapes differ from the model's are skipped (fine-tuning on another number of
-    classes is the usual reason); they and the missing and unexpected keys are in the
-    returned report, which is also logged. For an ImageNet classifier, only keys of the
-    model's ResNet count as missing.
+    Raises:
+        ValueError: no module of `model` takes ImageNet weights; keys those modules need are
+            not in the file; or keys of the file that none of them reads or leaves out on
+            purpose (another architecture, depth or width). The keys and modules are named.
     """
-    state_dict = read_state_dict(path_or_url)
+    parts = _imagenet_parts(model)
+    if not parts:
+        raise ValueError(
+            "the file looks like an ImageNet classifier (torchvision_classifier), but no "
+            f"module of the {type(model).__name__} takes ImageNet weights (none has an "
+            "imagenet_key_map)"
+        )
+    converted: StateDict = {}
+    missing, read = [], set()
+    for prefix, key_map in parts:
+        for own, theirs in key_map.keys.items():
+            if theirs in state_dict:
+                converted[prefix + own] = state_dict[theirs]
+                read.add(theirs)
+            else:
+                missing.append(theirs)
+    ignored = tuple(p for _, key_map in parts for p in key_map.ignored)
+    unread = [
+        k
+        for k in state_dict
+        if k not in read and not k.startswith(ignored) and not k.endswith("num_batches_tracked")
+    ]
+    if missing or unread:
+        modules = ", ".join(
+            f"{prefix[:-1] or 'the model'} ({type(model.get_submodule(prefix[:-1])).__name__})"
+            for prefix, _ in parts
+        )
+        needed = sum(len(key_map.keys) for _, key_map in parts)
+        raise ValueError(
+            f"the file looks like an ImageNet classifier (torchvision_classifier) but does "
+            f"not fit the modules that take one, {modules}: {len(missing)} of the {needed} "
+            f"tensors they need are not in it ({_first(missing)}); {len(unread)} of its keys "
+            f"fit none of them ({_first(unread)})"
+        )
+    return converted
+
+
+def load_weights(model: nn.Module, path_or_url: str, *, strict: bool = True) -> LoadReport:
+    """Loads weights from a file or URL into `model`, if they fit it (see the module
+    docstring for the formats and the rules).
+
+    Args:
+        model: the model, with its own key names (detframe's).
+        path_or_url: a local file, or an http(s) or file URL (through torch.hub's cache).
+        strict: the model must be the file's (evaluation); False when initialising a
+            training run (fine-tuning, ImageNet initialisation).
+
+    Returns:
+        What was loaded and what was not; also logged (a warning if any key was skipped).
+
+    Raises:
+        FileNotFoundError, RuntimeError: see `read_state_dict`.
+        ValueError: the file does not fit the model, naming its format, the keys and the
+            shapes (see the module docstring).
+    """
+    source = str(path_or_url)
+    state_dict = read_state_dict(source)
     kind = state_dict_format(state_dict)
-    scope = ""  # the part of the model the file is meant for
-    if kind == "torchvision_detection":
-        state_dict = convert_torchvision_detection(state_dict)
-    elif kind == "torchvision_classifier":
-        scope = _resnet_prefix(model)
-        state_dict = convert_torchvision_classifier(state_dict, scope)
-    report = LoadReport(str(path_or_url), kind)
-    own = model.state_dict()
+    try:
+        if kind == "torchvision_detection":
+            state_dict = convert_torchvision_detection(state_dict)
+        elif kind == "torchvision_classifier":
+            if strict:
+                raise ValueError(
+                    "the file looks like an ImageNet classifier (torchvision_classifier), "
+                    "which initialises a backbone for training (strict=False), not a model "
+                    "to evaluate"
+                )
+            state_dict = convert_torchvision_classifier(state_dict, model)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if kind == "torchvision_classifier":
+        # Only the modules that take it, which the conversion checked are all in the file,
+        # and all of those must load; the rest of the model keeps its initialisation.
+        own = {k: v for k, v in own.items() if k in state_dict}
+    report = LoadReport(source, kind, total=len(own))
     loadable = {}
     for key, value in state_dict.items():
         if key not in own:
@@ -216,7 +319,31 @@ def load_weights(model: nn.Module, path_or_url: str) -> LoadReport:
             )
         else:
             loadable[key] = value
-    result = model.load_state_dict(loadable, strict=False)
-    report.missing = sorted(k for k in result.missing_keys if k.startswith(scope))
-    logger.info("%s", report)
+    report.loaded = len(loadable)
+    report.missing = [k for k in own if k not in state_dict]
+    _check_fit(report, strict=strict or kind == "torchvision_classifier")
+    model.load_state_dict(loadable, strict=False)
+    clean = not (report.missing or report.unexpected or report.mismatched)
+    logger.log(logging.INFO if clean else logging.WARNING, "%s", report)
     return report
+
+
+def _check_fit(report: LoadReport, strict: bool) -> None:
+    """Raises ValueError if `report` breaks the rules of the module docstring."""
+    where = f"{report.source} ({report.format})"
+    missing = f"{len(report.missing)} keys of the model are not in the file"
+    shapes = f"{len(report.mismatched)} keys of another shape"
+    if report.loaded < _MIN_LOADED_FRACTION * report.total:
+        raise ValueError(
+            f"{where} is not a checkpoint of this model: only {report.loaded} of its "
+            f"{report.total} tensors are in the file with their shape. {missing}: "
+            f"{_first(report.missing)}; {len(report.unexpected)} keys of the file are not in "
+            f"the model: {_first(report.unexpected)}; {shapes}: {_first(report.mismatched)}"
+        )
+    if strict and (report.missing or report.mismatched):
+        problems = [
+            f"{what}: {_first(keys)}"
+            for what, keys in ((missing, report.missing), (shapes, report.mismatched))
+            if keys
+        ]
+        raise ValueError(f"{where} does not fit the model (strict loading): {'; '.join(problems)}")

@@ -6,12 +6,11 @@ H/32, W/32] (C_2 = 256 for Bottleneck depths, 64 for BasicBlock ones; sizes roun
 
 Module names mirror `torchvision.models.resnet` (conv1, bn1, layer1..layer4 of BasicBlock /
 Bottleneck blocks with conv1, bn1, conv2, bn2[, conv3, bn3] and downsample = (conv, norm)),
-so torchvision's ImageNet state dicts load as they are, less their classifier (fc.*).
+so torchvision's ImageNet state dicts load as they are, less their classifier (fc.*):
+`imagenet_key_map` says so to `detframe.modeling.load_weights` (MODEL.WEIGHTS).
 
-Speed: a convolution followed by a `FrozenBatchNorm2d` runs as one convolution whose weight
-and bias absorb the frozen affine map (w * scale, shift), computed on every forward from the
-current parameters, so it is exact after loading weights and gradients still reach w. This
-saves two passes over each feature map per normalisation; ReLUs then run in place.
+Speed: a convolution followed by a `FrozenBatchNorm2d` runs as one convolution
+(`detframe.layers.conv_norm`); ReLUs then run in place.
 """
 
 from __future__ import annotations
@@ -24,13 +23,12 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from detframe.config import declare
-from detframe.layers import FrozenBatchNorm2d, ShapeSpec, frozen_bn_affine, get_norm
+from detframe.layers import ShapeSpec, conv_norm, get_norm
 from detframe.registry import BACKBONE_REGISTRY
 
-from ..checkpoint_io import read_state_dict
-from .backbone import Backbone
+from .backbone import Backbone, ImageNetKeyMap
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "conv_norm"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet"]
 
 _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 _BLOCKS_PER_STAGE[152] = [3, 8, 36, 3]
@@ -40,7 +38,9 @@ _NORMS = ("FrozenBN", "BN", "SyncBN", "GN")
 
 declare("MODEL.RESNETS.DEPTH", int, 50, "ResNet depth", choices=tuple(_BLOCKS_PER_STAGE))
 declare("MODEL.RESNETS.NORM", str, "FrozenBN", "normalisation after each conv", choices=_NORMS)
-declare("MODEL.RESNETS.NORM_EPS", float, 1e-5, "eps of the norms (torchvision v1 detection: 0)")
+declare(
+    "MODEL.RESNETS.NORM_EPS", float, 1e-5, "eps of the norms (torchvision v1 detection: 0)", min=0
+)
 declare(
     "MODEL.RESNETS.OUT_FEATURES",
     list[str],
@@ -59,49 +59,23 @@ declare(
     int,
     2,
     "stages frozen (no gradient, FrozenBN): 0 none, 1 the stem, 2 stem and res2, ... 5 all",
+    min=0,
+    max=5,
 )
 declare(
     "MODEL.RESNETS.RES2_OUT_CHANNELS",
     int | None,
     None,
     "output channels of res2, doubled per stage; null: 256 (depth >= 50) or 64 (18, 34)",
+    min=1,
 )
-declare("MODEL.RESNETS.WIDTH_PER_GROUP", int, 64, "bottleneck 3x3 channels per group in res2")
-declare("MODEL.RESNETS.NUM_GROUPS", int, 1, "groups of the bottleneck 3x3 conv (ResNeXt: 32)")
-declare("MODEL.RESNETS.STEM_OUT_CHANNELS", int, 64, "output channels of the stem")
 declare(
-    "MODEL.RESNETS.PRETRAINED",
-    str,
-    "",
-    "torchvision ImageNet ResNet state dict (path or URL) loaded into the ResNet; empty: none",
+    "MODEL.RESNETS.WIDTH_PER_GROUP", int, 64, "bottleneck 3x3 channels per group in res2", min=1
 )
-
-
-def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module | None, relu: bool) -> Tensor:
-    """`relu(norm(conv(x)))`, as one convolution when `norm` is a FrozenBatchNorm2d.
-
-    Args:
-        x: [N, C_in, H, W].
-        conv: a zero-padded convolution; its weight and bias are used through F.conv2d
-            (so its forward hooks do not run). Its weight may require grad: the gradient
-            flows through the folded weight.
-        norm: applied after `conv`, or None. A FrozenBatchNorm2d is folded in: the weight
-            becomes w * scale [C_out, 1, 1, 1] and the bias b * scale + shift, recomputed on
-            every call.
-        relu: apply a ReLU (in place on the fresh output).
-
-    Returns:
-        [N, C_out, H', W'].
-    """
-    weight, bias = conv.weight, conv.bias
-    if isinstance(norm, FrozenBatchNorm2d):
-        scale, shift = frozen_bn_affine(norm)
-        weight = weight * scale.view(-1, 1, 1, 1).to(weight.dtype)
-        bias = (shift if bias is None else bias * scale + shift).to(weight.dtype)
-    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if norm is not None and not isinstance(norm, FrozenBatchNorm2d):
-        y = norm(y)
-    return F.relu_(y) if relu else y
+declare(
+    "MODEL.RESNETS.NUM_GROUPS", int, 1, "groups of the bottleneck 3x3 conv (ResNeXt: 32)", min=1
+)
+declare("MODEL.RESNETS.STEM_OUT_CHANNELS", int, 64, "output channels of the stem", min=1)
 
 
 def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -200,8 +174,6 @@ class ResNet(Backbone):
         width_per_group: Bottleneck 3x3 channels per group in res2 (doubled per stage);
             BasicBlock needs 64.
         stem_out_channels: channels out of the stem.
-        pretrained: path or URL of a torchvision ImageNet ResNet state dict to load (fc.* and
-            stages not built are ignored); "" for none. A URL goes through torch.hub's cache.
         memory_format: memory format the network runs in (torch.channels_last is faster
             with oneDNN on CPU; outputs are then channels-last too).
     """
@@ -219,7 +191,6 @@ class ResNet(Backbone):
         num_groups: int = 1,
         width_per_group: int = 64,
         stem_out_channels: int = 64,
-        pretrained: str = "",
         memory_format: torch.memory_format = torch.channels_last,
     ) -> None:
         super().__init__()
@@ -286,8 +257,6 @@ class ResNet(Backbone):
         self._stages = [(f"layer{i + 1}", _STAGES[i]) for i in range(num_stages)]
 
         self._init_weights()
-        if pretrained:
-            self.load_torchvision_weights(pretrained)
         self._freeze(freeze_at)
         self.to(memory_format=memory_format)
 
@@ -305,7 +274,6 @@ class ResNet(Backbone):
             "num_groups": r.NUM_GROUPS,
             "width_per_group": r.WIDTH_PER_GROUP,
             "stem_out_channels": r.STEM_OUT_CHANNELS,
-            "pretrained": r.PRETRAINED,
         }
 
     def _init_weights(self) -> None:
@@ -324,38 +292,13 @@ class ResNet(Backbone):
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    def load_torchvision_weights(self, path_or_url: str) -> None:
-        """Loads a torchvision ImageNet ResNet state dict (file or URL, `weights_only`).
-
-        The classifier (fc.*), stages this ResNet did not build and `num_batches_tracked`
-        are ignored.
-
-        Raises:
-            FileNotFoundError: no such file.
-            RuntimeError: the URL could not be downloaded (e.g. offline).
-            ValueError: the file holds no state dict, or its keys do not match (named).
-        """
-        state = read_state_dict(path_or_url)
-        built = {"conv1", "bn1"} | {name for name, _ in self._stages}
-        skipped = {"fc"} | {f"layer{i}" for i in range(1, 5)} - built
-        state = {k: v for k, v in state.items() if k.split(".")[0] not in skipped}
-        own = {k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")}
-        state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        mismatched = [
-            f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
-            for k, v in state.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                f"pretrained: {path_or_url!r} does not match this ResNet (expected a torchvision "
-                f"ImageNet ResNet of the same depth and widths): {len(missing)} missing keys "
-                f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}, "
-                f"{len(mismatched)} keys of another shape {mismatched[:4]}"
-            )
-        self.load_state_dict(state, strict=False)  # only num_batches_tracked can be missing
+    def imagenet_key_map(self) -> ImageNetKeyMap:
+        """torchvision's ImageNet ResNet of the same depth and widths: every tensor under the
+        same name (`num_batches_tracked` aside); its classifier (fc.*) and the stages this
+        ResNet did not build are left out."""
+        keys = {k: k for k in self.state_dict() if not k.endswith("num_batches_tracked")}
+        unbuilt = [f"layer{i}." for i in range(len(self._stages) + 1, 5)]
+        return ImageNetKeyMap(keys, ignored=("fc.", *unbuilt))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x [N, 3, H, W] -> {name: [N, C, ceil(H / stride), ceil(W / stride)]}."""
