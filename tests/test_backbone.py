@@ -18,9 +18,11 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBN
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.layers import FrozenBatchNorm2d, get_norm
+from detframe.modeling import load_weights
 from detframe.modeling.backbone import FPN, Backbone, ResNet, build_backbone
+from detframe.modeling.backbone.fpn import LastLevelMaxPool
 
 STAGES = ["res2", "res3", "res4", "res5"]
 FORMATS = [torch.contiguous_format, torch.channels_last]
@@ -242,52 +244,61 @@ def test_bad_arguments_raise_naming_them() -> None:
         ResNet(depth=34, num_groups=32, width_per_group=4)
 
 
-# --- pretrained weights ------------------------------------------------------------------
+# --- ImageNet weights (through load_weights and ResNet.imagenet_key_map) --------------------
 
 
-def test_pretrained_from_a_torchvision_file(tmp_path: Path) -> None:
+def test_imagenet_weights_from_a_torchvision_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
     tv = randomise_norms(torchvision.models.resnet18())
     path = tmp_path / "resnet18.pth"
     torch.save(tv.state_dict(), path)  # with fc.* and num_batches_tracked
     for norm in ("FrozenBN", "BN"):
-        ours = ResNet(depth=18, norm=norm, pretrained=str(path))
+        ours = ResNet(depth=18, norm=norm)
+        report = load_weights(ours, str(path), strict=False)
+        assert report.format == "torchvision_classifier" and report.loaded == report.total
         state = ours.state_dict()
         for key, value in backbone_state(tv).items():
             if not key.endswith("num_batches_tracked"):
                 assert torch.equal(state[key], value), key
-    partial = ResNet(depth=18, out_features=["res3"], pretrained=str(path))  # no layer3, 4
+    partial = ResNet(depth=18, out_features=["res3"])  # no layer3, layer4: left out
+    assert partial.imagenet_key_map().ignored == ("fc.", "layer3.", "layer4.")
+    load_weights(partial, str(path), strict=False)
     assert torch.equal(partial.layer2[0].conv1.weight, tv.layer2[0].conv1.weight)
 
 
-def test_pretrained_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_weights_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match=r"no_such\.pth"):
-        ResNet(depth=18, pretrained=str(tmp_path / "no_such.pth"))
+        load_weights(ResNet(depth=18), str(tmp_path / "no_such.pth"), strict=False)
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(ValueError, match=r"missing keys .*layer1\.2\.conv1\.weight"):
-        ResNet(depth=34, pretrained=str(path))
+    with pytest.raises(ValueError, match=r"not in it \(layer1\.2\.conv1\.weight"):
+        load_weights(ResNet(depth=34), str(path), strict=False)
     torch.save(torchvision.models.resnet50().state_dict(), path)
-    with pytest.raises(ValueError, match=r"unexpected keys .*layer1\.0\.conv3\.weight"):
-        ResNet(depth=18, pretrained=str(path))
-    with pytest.raises(ValueError, match=r"another shape .*layer1\.0\.conv1\.weight"):
-        ResNet(depth=50, width_per_group=32, pretrained=str(path))
+    with pytest.raises(ValueError, match=r"fit none of them \(layer1\.0\.conv3\.weight"):
+        load_weights(ResNet(depth=18), str(path), strict=False)
+    with pytest.raises(
+        ValueError,
+        match=r"another shape: layer1\.0\.conv1\.weight \(file \(64, 64, 1, 1\), "
+        r"model \(32, 64, 1, 1\)\)",
+    ):
+        load_weights(ResNet(depth=50, width_per_group=32), str(path), strict=False)
     torch.save({"model": [1, 2]}, path)
     with pytest.raises(ValueError, match="state dict"):
-        ResNet(depth=18, pretrained=str(path))
+        load_weights(ResNet(depth=18), str(path), strict=False)
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     with pytest.raises(RuntimeError, match="could not download"):
-        ResNet(depth=18, pretrained=(tmp_path / "missing.pth").as_uri())
+        load_weights(ResNet(depth=18), (tmp_path / "missing.pth").as_uri(), strict=False)
 
 
-def test_pretrained_url_goes_through_the_hub_cache(
+def test_imagenet_url_goes_through_the_hub_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     source = tmp_path / "resnet18-test.pth"
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), source)
-    ours = ResNet(depth=18, pretrained=source.as_uri())
+    ours = ResNet(depth=18)
+    load_weights(ours, source.as_uri(), strict=False)
     assert torch.equal(ours.conv1.weight, tv.conv1.weight)
     assert (tmp_path / "hub" / "checkpoints" / "resnet18-test.pth").is_file()
 
@@ -319,7 +330,10 @@ def test_fpn_matches_torchvision(size: tuple[int, int]) -> None:
             if isinstance(m, nn.Conv2d):
                 m.bias.uniform_(-0.1, 0.1)
     bottom_up = ResNet(depth=50, norm_eps=0.0, stride_in_1x1=False)
-    ours = FPN(bottom_up=bottom_up, in_features=STAGES, out_channels=256).double()
+    top_block = LastLevelMaxPool(in_feature="p5", in_channels=256, out_channels=256)
+    ours = FPN(
+        bottom_up=bottom_up, in_features=STAGES, out_channels=256, top_block=top_block
+    ).double()
     ours.load_state_dict(tv_fpn_to_detframe(tv.state_dict()))  # strict
     x = torch.randn(1, 3, *size, dtype=torch.float64)
     with torch.no_grad():
@@ -336,7 +350,7 @@ def test_fpn_matches_torchvision(size: tuple[int, int]) -> None:
 def test_fpn_options_init_and_errors() -> None:
     torch.manual_seed(0)
     bottom_up = ResNet(depth=18, out_features=["res3", "res4", "res5"])
-    fpn = FPN(bottom_up=bottom_up, in_features=["res3", "res4"], out_channels=64, top_block="")
+    fpn = FPN(bottom_up=bottom_up, in_features=["res3", "res4"], out_channels=64)
     assert list(fpn.output_shape()) == ["p3", "p4"] and fpn.size_divisibility == 16
     assert list(fpn(torch.randn(1, 3, 64, 64))) == ["p3", "p4"]
     w = fpn.output_convs[0].weight  # kaiming_uniform a=1: U(-b, b), b = sqrt(3 / fan_in)
@@ -345,7 +359,7 @@ def test_fpn_options_init_and_errors() -> None:
     assert torch.equal(fpn.lateral_convs[1].bias, torch.zeros(64))
     gn = FPN(bottom_up=bottom_up, in_features=["res3"], out_channels=64, norm="GN")
     assert gn.lateral_convs[0].bias is None and isinstance(gn.lateral_convs[0].norm, nn.GroupNorm)
-    assert gn(torch.randn(1, 3, 32, 32))["p4"].shape == (1, 64, 2, 2)
+    assert list(gn(torch.randn(1, 3, 32, 32))) == ["p3"]  # no top block by default
     frozen = FPN(bottom_up=bottom_up, in_features=["res3"], out_channels=64, norm="FrozenBN")
     conv = frozen.output_convs[0].double()
     randomise_norms(conv)
@@ -358,8 +372,9 @@ def test_fpn_options_init_and_errors() -> None:
         FPN(bottom_up=bottom_up, in_features=["res2"], out_channels=64)
     with pytest.raises(ValueError, match="doubling"):
         FPN(bottom_up=bottom_up, in_features=["res3", "res5"], out_channels=64)
-    with pytest.raises(ValueError, match="top_block"):
-        FPN(bottom_up=bottom_up, in_features=["res3"], out_channels=64, top_block="p6")
+    with pytest.raises(ValueError, match="coarsest output 'p4' or the coarsest input 'res4'"):
+        top_block = LastLevelMaxPool(in_feature="p3", in_channels=64, out_channels=64)
+        FPN(bottom_up=bottom_up, in_features=["res3", "res4"], out_channels=64, top_block=top_block)
 
 
 # --- config ----------------------------------------------------------------------------------

@@ -71,6 +71,13 @@ def test_class_specific_deltas_decode_per_class():
         torch.testing.assert_close(out[:, 4 * c : 4 * c + 4], single, rtol=0, atol=0)
 
 
+def test_box_dim_is_the_width_of_a_delta():
+    g = torch.Generator().manual_seed(4)
+    transform = Box2BoxTransform((1.0, 1.0, 1.0, 1.0))
+    deltas = transform.get_deltas(random_boxes(5, g), random_boxes(5, g))
+    assert transform.box_dim == deltas.shape[1] == 4
+
+
 def test_empty_inputs():
     transform = Box2BoxTransform((1.0, 1.0, 1.0, 1.0))
     assert transform.get_deltas(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0, 4)

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList as TvImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import box_iou
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
+from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.layers import ShapeSpec
 from detframe.modeling.box_coder import Box2BoxTransform
 from detframe.modeling.proposal_generator import (
@@ -221,6 +226,50 @@ def test_loss_normalizer_and_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         torch.testing.assert_close(losses_batch[key], expected, rtol=1e-12, atol=0)
 
 
+def test_giou_box_loss_matches_torchvision_ops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BBOX_REG_LOSS_TYPE=giou: torchvision's GIoU loss of the boxes decoded (BoxCoder) from
+    the head's deltas (flattened by torchvision's concat_box_prediction_layers) at the
+    sampled foreground anchors, divided by the sampled count."""
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: torch.arange(n, device=kw.get("device")))
+    _, ours = models(tmp_path, ("MODEL.RPN.BBOX_REG_LOSS_TYPE=giou",))
+    assert ours.box_reg_loss_type == "giou"
+    ours.train()
+    feats = features(6)
+    gt = [Instances(s, gt_boxes=Boxes(gt_boxes(3, s, seed=11))) for s in IMAGE_SIZES]
+    _, losses = ours(images()[1], feats, gt)
+
+    maps = [feats[f] for f in STRIDES]
+    anchors = torch.cat(ours.anchor_generator(maps, image_size=PADDED))
+    labels, matched = ours.label_and_sample_anchors([anchors], gt)
+    logits, deltas = ours.head(maps)
+    _, deltas = concat_box_prediction_layers(logits, deltas)  # [N * A_total, 4]
+    labels, matched = torch.cat(labels), torch.cat(matched)
+    pos = labels == 1
+    boxes = BoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(deltas[pos], anchors.repeat(2, 1)[pos])
+    expected = generalized_box_iou_loss(boxes, matched[pos], reduction="sum") / (labels >= 0).sum()
+    assert int(pos.sum()) > 2
+    torch.testing.assert_close(losses["loss_rpn_loc"], expected, rtol=1e-12, atol=0)
+
+
+def test_l1_box_loss_ignores_beta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BBOX_REG_LOSS_TYPE=l1 with beta 1/9 is smooth_l1 with beta 0; smooth_l1 with 1/9 is not."""
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: torch.arange(n, device=kw.get("device")))
+    feats = features(7)
+    gt = [Instances(s, gt_boxes=Boxes(gt_boxes(3, s, seed=12))) for s in IMAGE_SIZES]
+    results = {}
+    for name, overrides in {
+        "l1": ("MODEL.RPN.BBOX_REG_LOSS_TYPE=l1",),
+        "beta0": ("MODEL.RPN.SMOOTH_L1_BETA=0.0",),
+        "beta": (),
+    }.items():
+        _, rpn = models(tmp_path, overrides)
+        results[name] = rpn(images()[1], feats, gt)[1]["loss_rpn_loc"]
+    torch.testing.assert_close(results["l1"], results["beta0"], rtol=0, atol=0)
+    assert not torch.allclose(results["l1"], results["beta"])
+
+
 def test_all_anchors_ignored_gives_zero_losses_with_gradients(tmp_path: Path) -> None:
     """No gt and background labelled -1: nothing is sampled; the losses are 0, not NaN."""
     _, ours = models(tmp_path, ("MODEL.RPN.IOU_LABELS=[-1, -1, 1]",))
@@ -350,6 +399,7 @@ def test_defaults_are_detectron2s(tmp_path: Path) -> None:
     assert rpn.pre_nms_topk == {True: 2000, False: 1000}
     assert rpn.post_nms_topk == {True: 1000, False: 1000}
     assert (rpn.min_box_size, rpn.smooth_l1_beta, rpn.loss_normalizer) == (0.0, 0.0, "batch_size")
+    assert rpn.box_reg_loss_type == "smooth_l1"
     assert rpn.head.objectness_logits.out_channels == 3
     # float32, evaluation mode with targets: validation losses and sorted, clipped proposals.
     rpn.eval()
@@ -364,6 +414,26 @@ def test_defaults_are_detectron2s(tmp_path: Path) -> None:
         assert box.dtype == torch.float32 and bool((box[:, 2:] <= torch.tensor([w, h])).all())
 
 
+def test_called_with_images_features_and_gt_instances(tmp_path: Path) -> None:
+    """The proposal generators' signature: (images, features, gt_instances=None)."""
+    _, ours = models(tmp_path)
+    feats = features()
+    gt = [Instances(s, gt_boxes=Boxes(gt_boxes(2, s, seed=3))) for s in IMAGE_SIZES]
+    proposals, losses = ours(images=images()[1], features=feats, gt_instances=gt)
+    assert len(proposals) == 2 and set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
+    with pytest.raises(TypeError):
+        ours(images()[1], feats, gt, [])  # no fourth (precomputed proposals) argument
+
+
+def test_head_delta_width_follows_box_dim(tmp_path: Path) -> None:
+    _, ours = models(tmp_path)
+    assert ours.box2box_transform.box_dim == 4
+    assert ours.head.anchor_deltas.out_channels == 3 * 4
+    ours.head = StandardRPNHead(in_channels=CHANNELS, num_anchors=3, box_dim=5).double()
+    with pytest.raises(ValueError, match=r"num_anchors \* box_dim = 3 \* 4 channels, got \[15"):
+        ours(images()[1], features())
+
+
 def test_bad_inputs(tmp_path: Path) -> None:
     _, ours = models(tmp_path)
     feats = features()
@@ -374,6 +444,19 @@ def test_bad_inputs(tmp_path: Path) -> None:
         ours(images()[1], feats, gt)
     with pytest.raises(ValueError, match="p7"):
         build_proposal_generator(config(tmp_path, ["MODEL.RPN.IN_FEATURES=[p7]"]), SHAPES)
+    with pytest.raises(ValueError, match="box_reg_loss_type"):
+        RPN(
+            in_features=["p2"],
+            head=ours.head,
+            anchor_generator=ours.anchor_generator,
+            anchor_matcher=ours.anchor_matcher,
+            box2box_transform=ours.box2box_transform,
+            batch_size_per_image=256,
+            positive_fraction=0.5,
+            pre_nms_topk=(10, 10),
+            post_nms_topk=(10, 10),
+            box_reg_loss_type="diou",
+        )
     with pytest.raises(ValueError, match="loss_normalizer"):
         RPN(
             in_features=["p2"],

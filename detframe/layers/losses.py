@@ -1,24 +1,45 @@
-"""Box regression losses: smooth L1 (Fast R-CNN) and generalized IoU (Rezatofighi et al. 2019).
+"""Box regression losses: smooth L1 (Fast R-CNN), generalized IoU (Rezatofighi et al. 2019),
+and the dense box-regression loss of anchor-based heads (RPN, RetinaNet) built on them.
 
 Shapes:
 
     R   boxes (or rows of deltas)
+    N   images
+    A   anchors (of all levels together)
+    B   numbers per box and per box delta (4: XYXY boxes, (dx, dy, dw, dh) deltas)
 
-    smooth_l1_loss   input, target [*] (any shape, equal)   -> same shape, or a scalar
-    giou_loss        boxes1, boxes2 [R, 4] XYXY             -> [R], or a scalar
+    smooth_l1_loss              input, target [*] (any shape, equal) -> same shape, or a scalar
+    giou_loss                   boxes1, boxes2 [R, 4] XYXY           -> [R], or a scalar
+    dense_box_regression_loss   anchors [A, B], deltas [N, A, B], matched gt boxes [N, A, B],
+                                foreground mask [N, A]               -> a scalar (sum)
 
 Reductions: "none" keeps the elementwise loss, "sum" adds it up, "mean" averages it; the
 mean of an empty input is 0 (not NaN) and keeps the graph (0 * sum), so an image or batch
 without foreground still backpropagates.
+
+Dense box-regression loss types (`BOX_REGRESSION_LOSS_TYPES`, detectron2's
+`_dense_box_regression_loss`): "smooth_l1" between predicted and target deltas (beta
+`smooth_l1_beta`; 0 is L1), "l1" between the deltas whatever the beta, "giou" between the
+boxes the predicted deltas decode to and the matched gt boxes. This module knows nothing of
+models: the box transform is anything with `get_deltas` and `apply_deltas` (`BoxTransform`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["giou_loss", "smooth_l1_loss"]
+__all__ = [
+    "BOX_REGRESSION_LOSS_TYPES",
+    "BoxTransform",
+    "dense_box_regression_loss",
+    "giou_loss",
+    "smooth_l1_loss",
+]
 
 _REDUCTIONS = ("none", "sum", "mean")
 
@@ -113,3 +134,106 @@ def giou_loss(boxes1: Tensor, boxes2: Tensor, reduction: str = "none", eps: floa
     )
     giou = iou - ((enclosing - union) / (enclosing + eps))
     return _reduce(1 - giou, reduction)
+
+
+class BoxTransform(Protocol):
+    """Encodes boxes as deltas relative to source boxes and decodes them back (e.g.
+    `detframe.modeling.box_coder.Box2BoxTransform`)."""
+
+    def get_deltas(self, src_boxes: Tensor, target_boxes: Tensor) -> Tensor:
+        """[R, B] source and target boxes -> [R, B] deltas."""
+        ...
+
+    def apply_deltas(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        """[R, B] deltas and source boxes -> [R, B] decoded boxes."""
+        ...
+
+
+# The dense losses: (box transform, foreground anchors [F, B], their predicted deltas
+# [F, B], their matched gt boxes [F, B], smooth L1 beta) -> the loss summed over the F anchors.
+
+
+def _smooth_l1_of_deltas(
+    transform: BoxTransform, anchors: Tensor, deltas: Tensor, gt_boxes: Tensor, beta: float
+) -> Tensor:
+    return smooth_l1_loss(deltas, transform.get_deltas(anchors, gt_boxes), beta, "sum")
+
+
+def _l1_of_deltas(
+    transform: BoxTransform, anchors: Tensor, deltas: Tensor, gt_boxes: Tensor, beta: float
+) -> Tensor:
+    del beta
+    return smooth_l1_loss(deltas, transform.get_deltas(anchors, gt_boxes), 0.0, "sum")
+
+
+def _giou_of_decoded_boxes(
+    transform: BoxTransform, anchors: Tensor, deltas: Tensor, gt_boxes: Tensor, beta: float
+) -> Tensor:
+    del beta
+    return giou_loss(transform.apply_deltas(deltas, anchors), gt_boxes, "sum")
+
+
+_DENSE_BOX_LOSSES: dict[str, Callable[[BoxTransform, Tensor, Tensor, Tensor, float], Tensor]] = {
+    "smooth_l1": _smooth_l1_of_deltas,
+    "l1": _l1_of_deltas,
+    "giou": _giou_of_decoded_boxes,
+}
+BOX_REGRESSION_LOSS_TYPES = tuple(_DENSE_BOX_LOSSES)
+
+
+def dense_box_regression_loss(
+    anchors: Tensor,
+    box2box_transform: BoxTransform,
+    pred_anchor_deltas: Tensor,
+    gt_boxes: Tensor,
+    fg_mask: Tensor,
+    loss_type: str = "smooth_l1",
+    smooth_l1_beta: float = 0.0,
+) -> Tensor:
+    """The box-regression loss of a dense (per-anchor) head, summed over foreground anchors.
+
+    Args:
+        anchors: [A, B] anchors of all levels, shared by the N images.
+        box2box_transform: encodes gt boxes as deltas ("smooth_l1", "l1") or decodes the
+            predicted deltas ("giou"), relative to the anchors.
+        pred_anchor_deltas: [N, A, B] predicted deltas.
+        gt_boxes: [N, A, B] the gt box matched to each anchor (any value where `fg_mask` is
+            False).
+        fg_mask: [N, A] bool, the anchors whose box is regressed.
+        loss_type: one of `BOX_REGRESSION_LOSS_TYPES` (see the module docstring).
+        smooth_l1_beta: beta of "smooth_l1" (0 gives L1).
+
+    Returns:
+        A scalar, the sum over foreground anchors (0 with a graph when there are none); the
+        caller normalises it.
+
+    Raises:
+        ValueError: an unknown `loss_type`, or shapes that do not match.
+    """
+    loss = _DENSE_BOX_LOSSES.get(loss_type)
+    if loss is None:
+        raise ValueError(
+            f"dense_box_regression_loss: loss_type must be one of {BOX_REGRESSION_LOSS_TYPES}, "
+            f"got {loss_type!r}"
+        )
+    num_images = pred_anchor_deltas.size(0)
+    if (
+        pred_anchor_deltas.dim() != 3
+        or gt_boxes.shape != pred_anchor_deltas.shape
+        or anchors.shape != pred_anchor_deltas.shape[1:]
+        or fg_mask.shape != pred_anchor_deltas.shape[:2]
+    ):
+        raise ValueError(
+            "dense_box_regression_loss: expected anchors [A, B], pred_anchor_deltas and "
+            "gt_boxes [N, A, B], fg_mask [N, A]; got "
+            f"{tuple(anchors.shape)}, {tuple(pred_anchor_deltas.shape)}, "
+            f"{tuple(gt_boxes.shape)}, {tuple(fg_mask.shape)}"
+        )
+    fg_anchors = anchors.expand(num_images, -1, -1)[fg_mask]
+    return loss(
+        box2box_transform,
+        fg_anchors,
+        pred_anchor_deltas[fg_mask],
+        gt_boxes[fg_mask],
+        smooth_l1_beta,
+    )

@@ -3,16 +3,23 @@
 Shapes:
 
     L        feature levels
-    A        anchors per cell (one per aspect ratio; one size per level)
+    S_l R_l  anchor sizes and aspect ratios of level l
+    A        anchors per cell, S_l * R_l (the same at every level: the RPN head is shared)
     H_l W_l  height and width of level l's feature map
 
     features        list of L tensors [N, C, H_l, W_l]
     anchors         list of L tensors [H_l * W_l * A, 4], XYXY in input-image pixels
     cell_anchors    [L, A, 4] the base anchors of each level, centred on (0, 0)
 
-Order: location-major (row by row, cell by cell), then anchor, the order of torchvision's
-`AnchorGenerator` and detectron2's `DefaultAnchorGenerator`, so that anchors line up with the
-RPN head's outputs flattened as [N, H, W, A].
+Sizes and aspect ratios are given per level as lists of lists, detectron2's form: sizes
+[[32], [64], [128], [256], [512]] is one size per level (FPN), [[32, 40, 50]] three sizes at
+every level (a single list is used at every level), likewise aspect ratios.
+
+Order: location-major (row by row, cell by cell), then anchor, so that anchors line up with
+the RPN head's outputs flattened as [N, H, W, A]. Within a cell the order is `order`:
+"size_major" (detectron2's `DefaultAnchorGenerator`: for each size, every ratio) or
+"ratio_major" (torchvision's `AnchorGenerator`: for each ratio, every size); with one size
+per level both are the same.
 
 A base anchor of size s and aspect ratio r (height / width) has w = s / sqrt(r),
 h = s * sqrt(r), centred on (0, 0). With `round_base` (torchvision), the base anchors are
@@ -41,6 +48,8 @@ from detframe.registry import ANCHOR_GENERATOR_REGISTRY
 
 __all__ = ["DefaultAnchorGenerator"]
 
+_ORDERS = ("size_major", "ratio_major")
+
 declare(
     "MODEL.ANCHOR_GENERATOR.NAME",
     str,
@@ -49,21 +58,35 @@ declare(
 )
 declare(
     "MODEL.ANCHOR_GENERATOR.SIZES",
-    list[float],
-    [32.0, 64.0, 128.0, 256.0, 512.0],
-    "anchor size (sqrt of area, input pixels), one per feature level",
+    list[list[float]],
+    [[32.0], [64.0], [128.0], [256.0], [512.0]],
+    "anchor sizes (sqrt of area, input pixels): a list per feature level, or one for all",
+    min=0,
+    min_exclusive=True,
 )
 declare(
     "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
-    list[float],
-    [0.5, 1.0, 2.0],
-    "anchor aspect ratios (height / width), the same at every level",
+    list[list[float]],
+    [[0.5, 1.0, 2.0]],
+    "anchor aspect ratios (height / width): a list per feature level, or one for all",
+    min=0,
+    min_exclusive=True,
+)
+declare(
+    "MODEL.ANCHOR_GENERATOR.ORDER",
+    str,
+    "size_major",
+    "order of a cell's anchors: size_major (detectron2) or ratio_major (torchvision)",
+    choices=_ORDERS,
 )
 declare(
     "MODEL.ANCHOR_GENERATOR.OFFSET",
     float,
     0.0,
     "anchor centres at (cell index + OFFSET) * stride; 0.0 torchvision, 0.5 pixel centres",
+    min=0,
+    max=1,
+    max_exclusive=True,
 )
 declare(
     "MODEL.ANCHOR_GENERATOR.ROUND",
@@ -82,49 +105,82 @@ declare(
 _MAX_CACHED_GRIDS = 256
 
 
+def _per_level(values: Sequence[Sequence[float]], num_levels: int, name: str) -> list[list[float]]:
+    """`values` as L lists: one list is used at every level (detectron2's broadcast).
+
+    Raises:
+        ValueError: `values` is not a list of non-empty lists of positive numbers, or has
+            neither 1 nor L lists.
+    """
+    if not values or any(isinstance(v, int | float) or len(v) == 0 for v in values):
+        raise ValueError(
+            f"DefaultAnchorGenerator: {name} must be a list of non-empty lists, one per level "
+            f"or one for all (e.g. [[32], [64]] or [[32, 40, 50]]), got {values}"
+        )
+    lists = [[float(x) for x in v] for v in values]
+    if not all(x > 0 for v in lists for x in v):
+        raise ValueError(f"DefaultAnchorGenerator: {name} must be positive, got {lists}")
+    if len(lists) == 1:
+        return lists * num_levels
+    if len(lists) != num_levels:
+        raise ValueError(
+            f"DefaultAnchorGenerator: {name} has {len(lists)} lists for {num_levels} levels "
+            f"(strides); give one list per level or one for all, got {lists}"
+        )
+    return lists
+
+
 @ANCHOR_GENERATOR_REGISTRY.register()
 class DefaultAnchorGenerator(nn.Module):
-    """Tiles A anchors (one size per level, several aspect ratios) over each level's grid."""
+    """Tiles A anchors (every size with every aspect ratio of a level) over each level's grid."""
 
     cell_anchors: Tensor
 
     def __init__(
         self,
-        sizes: Sequence[float],
-        aspect_ratios: Sequence[float],
+        sizes: Sequence[Sequence[float]],
+        aspect_ratios: Sequence[Sequence[float]],
         strides: Sequence[int],
         offset: float = 0.0,
         round_base: bool = False,
         strides_from_image_size: bool = False,
+        order: str = "size_major",
     ) -> None:
         """
         Args:
-            sizes: L anchor sizes (sqrt of the area, in input pixels), one per level.
-            aspect_ratios: A aspect ratios (height / width), used at every level.
+            sizes: L lists of anchor sizes (sqrt of the area, in input pixels), one per
+                level, or one list for every level.
+            aspect_ratios: L lists of aspect ratios (height / width), or one for every level.
             strides: L strides (input pixels per feature cell), one per level.
             offset: anchor centres at (cell index + offset) * stride, in [0, 1).
             round_base: compute and round the base anchors as torchvision does.
             strides_from_image_size: derive each level's strides from the `image_size`
                 given to `forward` as torchvision does (see the module docstring).
+            order: "size_major" or "ratio_major", the order of a cell's anchors.
 
         Raises:
-            ValueError: sizes, ratios or strides are not positive, `sizes` and `strides`
-                differ in length, or `offset` is not in [0, 1).
+            ValueError: sizes, ratios or strides are not positive, sizes or ratios are not
+                lists of lists, have neither one nor L lists, or give levels different
+                numbers of anchors; an unknown `order`, or `offset` not in [0, 1).
         """
         super().__init__()
-        sizes = [float(s) for s in sizes]
-        aspect_ratios = [float(r) for r in aspect_ratios]
         strides = [int(s) for s in strides]
-        if not sizes or not all(s > 0 for s in sizes):
-            raise ValueError(f"DefaultAnchorGenerator: sizes must be positive, got {sizes}")
-        if not aspect_ratios or not all(r > 0 for r in aspect_ratios):
+        if not strides or not all(s > 0 for s in strides):
             raise ValueError(
-                f"DefaultAnchorGenerator: aspect_ratios must be positive, got {aspect_ratios}"
+                f"DefaultAnchorGenerator: strides must be positive, one per level, got {strides}"
             )
-        if len(strides) != len(sizes) or not all(s > 0 for s in strides):
+        sizes = _per_level(sizes, len(strides), "sizes")
+        aspect_ratios = _per_level(aspect_ratios, len(strides), "aspect_ratios")
+        counts = [len(s) * len(r) for s, r in zip(sizes, aspect_ratios, strict=True)]
+        if len(set(counts)) != 1:
             raise ValueError(
-                f"DefaultAnchorGenerator: need one positive stride per size ({len(sizes)}), "
-                f"got strides {strides}"
+                f"DefaultAnchorGenerator: every level needs the same number of anchors per "
+                f"cell (sizes x aspect ratios; the RPN head is shared across levels), got "
+                f"{counts} from sizes {sizes} and aspect_ratios {aspect_ratios}"
+            )
+        if order not in _ORDERS:
+            raise ValueError(
+                f"DefaultAnchorGenerator: order must be one of {_ORDERS}, got {order!r}"
             )
         if not 0.0 <= offset < 1.0:
             raise ValueError(f"DefaultAnchorGenerator: offset must be in [0, 1), got {offset}")
@@ -134,49 +190,57 @@ class DefaultAnchorGenerator(nn.Module):
         self.offset = float(offset)
         self.round_base = round_base
         self.strides_from_image_size = strides_from_image_size
-        cell_anchors = torch.stack([self._base_anchors(s) for s in sizes])
+        self.order = order
+        cell_anchors = torch.stack(
+            [self._base_anchors(s, r) for s, r in zip(sizes, aspect_ratios, strict=True)]
+        )
         self.register_buffer("cell_anchors", cell_anchors, persistent=False)
         self._cache: dict[tuple[Any, ...], Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, input_shape: Sequence[ShapeSpec]) -> dict[str, Any]:
         """Keyword arguments from MODEL.ANCHOR_GENERATOR.* and the levels' strides."""
+        anchors = cfg.MODEL.ANCHOR_GENERATOR
         return {
-            "sizes": list(cfg.MODEL.ANCHOR_GENERATOR.SIZES),
-            "aspect_ratios": list(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS),
+            "sizes": [list(s) for s in anchors.SIZES],
+            "aspect_ratios": [list(r) for r in anchors.ASPECT_RATIOS],
             "strides": [shape.stride for shape in input_shape],
-            "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
-            "round_base": cfg.MODEL.ANCHOR_GENERATOR.ROUND,
-            "strides_from_image_size": cfg.MODEL.ANCHOR_GENERATOR.STRIDES_FROM_IMAGE_SIZE,
+            "offset": anchors.OFFSET,
+            "round_base": anchors.ROUND,
+            "strides_from_image_size": anchors.STRIDES_FROM_IMAGE_SIZE,
+            "order": anchors.ORDER,
         }
 
     @property
     def num_anchors(self) -> int:
         """A, the number of anchors per cell (the same at every level)."""
-        return len(self.aspect_ratios)
+        return self.cell_anchors.shape[1]
 
-    @property
-    def box_dim(self) -> int:
-        """4: anchors are XYXY boxes."""
-        return 4
-
-    def _base_anchors(self, size: float) -> Tensor:
-        """[A, 4] anchors of one size centred on (0, 0), float32."""
+    def _base_anchors(self, sizes: list[float], aspect_ratios: list[float]) -> Tensor:
+        """[A, 4] anchors of one level centred on (0, 0) in `order`, float32."""
         if self.round_base:
             # torchvision's AnchorGenerator.generate_anchors, operation by operation.
-            scales = torch.tensor([size], dtype=torch.float32)
-            ratios = torch.tensor(self.aspect_ratios, dtype=torch.float32)
+            scales = torch.tensor(sizes, dtype=torch.float32)
+            ratios = torch.tensor(aspect_ratios, dtype=torch.float32)
             h_ratios = torch.sqrt(ratios)
             w_ratios = 1 / h_ratios
-            ws = (w_ratios[:, None] * scales[None, :]).view(-1)
-            hs = (h_ratios[:, None] * scales[None, :]).view(-1)
-            return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
-        anchors = []
-        for ratio in self.aspect_ratios:
-            w = size / math.sqrt(ratio)
-            h = size * math.sqrt(ratio)
-            anchors.append([-w / 2, -h / 2, w / 2, h / 2])
-        return torch.tensor(anchors, dtype=torch.float64).float()
+            ws = w_ratios[:, None] * scales[None, :]
+            hs = h_ratios[:, None] * scales[None, :]
+            anchors = (torch.stack([-ws, -hs, ws, hs], dim=-1) / 2).round()
+        else:
+            rows = []
+            for ratio in aspect_ratios:
+                row = []
+                for size in sizes:
+                    w = size / math.sqrt(ratio)
+                    h = size * math.sqrt(ratio)
+                    row.append([-w / 2, -h / 2, w / 2, h / 2])
+                rows.append(row)
+            anchors = torch.tensor(rows, dtype=torch.float64).float()
+        # anchors: [R_l, S_l, 4], ratio-major.
+        if self.order == "size_major":
+            anchors = anchors.transpose(0, 1)
+        return anchors.reshape(-1, 4)
 
     def _grid_anchors(
         self,
@@ -267,5 +331,5 @@ class DefaultAnchorGenerator(nn.Module):
         return (
             f"sizes={self.sizes}, aspect_ratios={self.aspect_ratios}, strides={self.strides}, "
             f"offset={self.offset}, round_base={self.round_base}, "
-            f"strides_from_image_size={self.strides_from_image_size}"
+            f"strides_from_image_size={self.strides_from_image_size}, order={self.order!r}"
         )

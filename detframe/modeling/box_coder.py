@@ -34,6 +34,10 @@ _DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 class Box2BoxTransform:
     """Encodes target boxes relative to source boxes as deltas, and decodes them back."""
 
+    #: Numbers per box and per box delta: XYXY boxes, (dx, dy, dw, dh) deltas. Heads size
+    #: their regression outputs by it (k * box_dim channels for k boxes).
+    box_dim = 4
+
     def __init__(
         self,
         weights: Sequence[float],

@@ -1,23 +1,23 @@
 """Region Proposal Network: objectness and box deltas per anchor -> proposals and losses.
 
 Shorthand: N images, L feature levels, A anchors per location, H_l x W_l the size of level l,
-A_l = H_l * W_l * A anchors of level l, A_total = sum of A_l, G ground-truth boxes of an
-image, P proposals of an image, K_l = min(pre_nms_topk, A_l).
+A_l = H_l * W_l * A anchors of level l, A_total = sum of A_l, B = box_dim numbers per box
+delta (4), G ground-truth boxes of an image, P proposals of an image,
+K_l = min(pre_nms_topk, A_l).
 
-    head outputs   objectness [N, A, H_l, W_l] and deltas [N, A*4, H_l, W_l] per level
-    flattened      logits [N, A_l] and deltas [N, A_l, 4] per level, anchors [A_l, 4],
+    head outputs   objectness [N, A, H_l, W_l] and deltas [N, A*B, H_l, W_l] per level
+    flattened      logits [N, A_l] and deltas [N, A_l, B] per level, anchors [A_l, 4],
                    all ordered location-major, then anchor (as the anchor generator)
     proposals      per image Instances(proposal_boxes: Boxes [P, 4], objectness_logits [P]),
                    sorted by objectness_logits, highest first; detached
     losses         {"loss_rpn_cls", "loss_rpn_loc"} scalars, when gt_instances are given
 
-Both proposal generators (`RPN`, `PrecomputedProposals`) are called as
+Proposal generators are called as
 
-    proposals, losses = generator(images, features, gt_instances, precomputed)
+    proposals, losses = generator(images, features, gt_instances=None)
 
-with `images: ImageList`, `features: dict[str, Tensor]`, `gt_instances: list[Instances] |
-None` (fields gt_boxes) and `precomputed: list[Instances] | None` (proposals from the inputs;
-the RPN ignores them).
+with `images: ImageList`, `features: dict[str, Tensor]` and `gt_instances: list[Instances] |
+None` (fields gt_boxes).
 
 Selection (torchvision's and detectron2's): per image and level the K_l anchors of highest
 objectness logit, their deltas decoded (only those), boxes with a non-finite coordinate or
@@ -29,11 +29,12 @@ dropped (kept when both are >= it), NMS per level (`batched_nms` on the logits),
 Losses: every anchor is matched to the ground truth (`Matcher`, low-quality matches kept),
 labelled 1 (foreground), 0 (background) or -1 (ignored), and `batch_size_per_image` anchors per
 image are sampled (`subsample_labels`); the others become -1. `loss_rpn_cls` is the binary
-cross-entropy with logits summed over sampled anchors, `loss_rpn_loc` the smooth L1 (beta
-`smooth_l1_beta`; 0 = L1) between predicted and target deltas summed over sampled
-foreground anchors; both are divided by the normaliser (`"batch_size"`: batch_size_per_image
-* N, detectron2; `"sampled"`: the number of sampled anchors in the batch, at least 1,
-torchvision) and multiplied by `loss_weight`.
+cross-entropy with logits summed over sampled anchors, `loss_rpn_loc` the box-regression loss
+(`dense_box_regression_loss` of type `box_reg_loss_type`; by default the smooth L1, beta
+`smooth_l1_beta`, 0 = L1, between predicted and target deltas) summed over sampled foreground
+anchors; both are divided by the normaliser (`"batch_size"`: batch_size_per_image * N,
+detectron2; `"sampled"`: the number of sampled anchors in the batch, at least 1, torchvision)
+and multiplied by `loss_weight`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from torchvision.ops import batched_nms
 
 from detframe.config import declare
 from detframe.layers import ShapeSpec
-from detframe.layers.losses import smooth_l1_loss
+from detframe.layers.losses import BOX_REGRESSION_LOSS_TYPES, dense_box_regression_loss
 from detframe.registry import (
     ANCHOR_GENERATOR_REGISTRY,
     PROPOSAL_GENERATOR_REGISTRY,
@@ -78,6 +79,8 @@ declare(
     list[float],
     [0.3, 0.7],
     "IoU thresholds between the anchor labels IOU_LABELS, increasing",
+    min=0,
+    max=1,
 )
 declare(
     "MODEL.RPN.IOU_LABELS",
@@ -86,21 +89,40 @@ declare(
     "anchor label per IoU interval: 0 background, -1 ignored, 1 foreground",
     choices=(-1, 0, 1),
 )
-declare("MODEL.RPN.BATCH_SIZE_PER_IMAGE", int, 256, "anchors sampled per image for the losses")
-declare("MODEL.RPN.POSITIVE_FRACTION", float, 0.5, "most foreground share of the sampled anchors")
+declare(
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", int, 256, "anchors sampled per image for the losses", min=1
+)
+declare(
+    "MODEL.RPN.POSITIVE_FRACTION",
+    float,
+    0.5,
+    "most foreground share of the sampled anchors",
+    min=0,
+    max=1,
+)
 declare(
     "MODEL.RPN.BBOX_REG_WEIGHTS",
     list[float],
     [1.0, 1.0, 1.0, 1.0],
     "weights (wx, wy, ww, wh) of the anchor box deltas",
+    min=0,
+    min_exclusive=True,
 )
 declare(
     "MODEL.RPN.SMOOTH_L1_BETA",
     float,
     0.0,
     "beta of the smooth L1 box loss; 0 is L1 (torchvision: 1/9)",
+    min=0,
 )
-declare("MODEL.RPN.LOSS_WEIGHT", float, 1.0, "factor of both RPN losses")
+declare(
+    "MODEL.RPN.BBOX_REG_LOSS_TYPE",
+    str,
+    "smooth_l1",
+    "box loss: smooth_l1 (beta SMOOTH_L1_BETA) or l1 of the deltas, giou of the decoded boxes",
+    choices=BOX_REGRESSION_LOSS_TYPES,
+)
+declare("MODEL.RPN.LOSS_WEIGHT", float, 1.0, "factor of both RPN losses", min=0)
 declare(
     "MODEL.RPN.LOSS_NORMALIZER",
     str,
@@ -108,16 +130,28 @@ declare(
     "RPN losses divided by BATCH_SIZE_PER_IMAGE * images or by the anchors sampled",
     choices=("batch_size", "sampled"),
 )
-declare("MODEL.RPN.PRE_NMS_TOPK_TRAIN", int, 2000, "anchors kept per image and level before NMS")
-declare("MODEL.RPN.PRE_NMS_TOPK_TEST", int, 1000, "anchors kept per image and level before NMS")
-declare("MODEL.RPN.POST_NMS_TOPK_TRAIN", int, 1000, "proposals kept per image after NMS")
-declare("MODEL.RPN.POST_NMS_TOPK_TEST", int, 1000, "proposals kept per image after NMS")
-declare("MODEL.RPN.NMS_THRESH", float, 0.7, "IoU threshold of the per-level NMS of proposals")
+declare(
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", int, 2000, "anchors kept per image and level before NMS", min=1
+)
+declare(
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", int, 1000, "anchors kept per image and level before NMS", min=1
+)
+declare("MODEL.RPN.POST_NMS_TOPK_TRAIN", int, 1000, "proposals kept per image after NMS", min=1)
+declare("MODEL.RPN.POST_NMS_TOPK_TEST", int, 1000, "proposals kept per image after NMS", min=1)
+declare(
+    "MODEL.RPN.NMS_THRESH",
+    float,
+    0.7,
+    "IoU threshold of the per-level NMS of proposals",
+    min=0,
+    max=1,
+)
 declare(
     "MODEL.RPN.MIN_SIZE",
     float,
     0.0,
     "proposals narrower or lower than this after clipping are dropped (torchvision: 1e-3)",
+    min=0,
 )
 
 
@@ -128,12 +162,13 @@ class StandardRPNHead(nn.Module):
     Args:
         in_channels: channels C of every input level.
         num_anchors: A, anchors per location.
-        box_dim: numbers per box delta.
+        box_dim: B, numbers per box delta (the box transform's `box_dim`).
     """
 
     def __init__(self, *, in_channels: int, num_anchors: int, box_dim: int = 4) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("num_anchors", num_anchors)):
+        sizes = (("in_channels", in_channels), ("num_anchors", num_anchors), ("box_dim", box_dim))
+        for name, value in sizes:
             if value < 1:
                 raise ValueError(f"StandardRPNHead: {name} must be >= 1, got {value}")
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
@@ -146,7 +181,8 @@ class StandardRPNHead(nn.Module):
     @classmethod
     def from_config(cls, cfg: DictConfig, input_shape: Sequence[ShapeSpec]) -> dict[str, Any]:
         """`in_channels` from `input_shape` (one ShapeSpec per level, all of one channel
-        count). `num_anchors` is not in the config: the RPN passes its anchor generator's."""
+        count). `num_anchors` and `box_dim` are not in the config: the RPN passes its anchor
+        generator's and its box transform's."""
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
             raise ValueError(
@@ -187,7 +223,7 @@ def find_top_proposals(
     Args:
         anchors: per level [A_l, 4] XYXY.
         pred_objectness_logits: per level [N, A_l].
-        pred_anchor_deltas: per level [N, A_l, 4].
+        pred_anchor_deltas: per level [N, A_l, B].
         box2box_transform: decodes deltas against anchors.
         image_sizes: N pairs (height, width) to clip to.
         pre_nms_topk: anchors kept per image and level before NMS.
@@ -208,11 +244,12 @@ def find_top_proposals(
     ):
         k = min(pre_nms_topk, logits_l.shape[1])
         logits_l, idx = logits_l.detach().topk(k, dim=1)  # [N, K_l], sorted
-        deltas_l = deltas_l.detach()[batch_idx, idx]  # [N, K_l, 4]
+        deltas_l = deltas_l.detach()[batch_idx, idx]  # [N, K_l, B]
+        box_dim = deltas_l.shape[-1]
         boxes_l = box2box_transform.apply_deltas(
-            deltas_l.reshape(-1, 4), anchors_l.to(deltas_l.dtype)[idx.reshape(-1)]
+            deltas_l.reshape(-1, box_dim), anchors_l.to(deltas_l.dtype)[idx.reshape(-1)]
         )
-        topk_boxes.append(boxes_l.view(num_images, k, 4))
+        topk_boxes.append(boxes_l.view(num_images, k, box_dim))
         topk_logits.append(logits_l)
         topk_levels.append(torch.full((k,), level, dtype=torch.int64, device=device))
     boxes_all = torch.cat(topk_boxes, dim=1)  # [N, sum K_l, 4]
@@ -245,17 +282,19 @@ class RPN(nn.Module):
     Args:
         in_features: names of the feature maps read, one per anchor level.
         head: features (list of [N, C, H_l, W_l]) -> (logits [N, A, H_l, W_l] per level,
-            deltas [N, A*4, H_l, W_l] per level); e.g. `StandardRPNHead`.
+            deltas [N, A*B, H_l, W_l] per level); e.g. `StandardRPNHead`.
         anchor_generator: features -> anchors per level [A_l, 4]; has `num_anchors`.
         anchor_matcher: IoU matrix [G, A_total] -> (matches [A_total], labels [A_total]).
-        box2box_transform: encodes and decodes anchor deltas.
+        box2box_transform: encodes and decodes anchor deltas; its `box_dim` is B.
         batch_size_per_image: anchors sampled per image for the losses.
         positive_fraction: most foreground share of the sampled anchors.
         pre_nms_topk: (training, evaluation) anchors kept per image and level before NMS.
         post_nms_topk: (training, evaluation) proposals kept per image after NMS.
         nms_thresh: IoU threshold of the per-level NMS.
         min_box_size: smallest proposal width and height kept (>=).
-        smooth_l1_beta: beta of the box loss; 0 gives L1.
+        smooth_l1_beta: beta of the "smooth_l1" box loss; 0 gives L1.
+        box_reg_loss_type: the box loss, one of `BOX_REGRESSION_LOSS_TYPES` ("smooth_l1",
+            "l1", "giou"; see `dense_box_regression_loss`).
         loss_weight: factor of both losses.
         loss_normalizer: "batch_size" (batch_size_per_image * N) or "sampled" (anchors sampled
             in the batch; in training, averaged over the ranks of a distributed run, so that
@@ -277,6 +316,7 @@ class RPN(nn.Module):
         nms_thresh: float = 0.7,
         min_box_size: float = 0.0,
         smooth_l1_beta: float = 0.0,
+        box_reg_loss_type: str = "smooth_l1",
         loss_weight: float = 1.0,
         loss_normalizer: str = "batch_size",
     ) -> None:
@@ -284,6 +324,11 @@ class RPN(nn.Module):
         if loss_normalizer not in ("batch_size", "sampled"):
             raise ValueError(
                 f"RPN: loss_normalizer must be 'batch_size' or 'sampled', got {loss_normalizer!r}"
+            )
+        if box_reg_loss_type not in BOX_REGRESSION_LOSS_TYPES:
+            raise ValueError(
+                f"RPN: box_reg_loss_type must be one of {BOX_REGRESSION_LOSS_TYPES}, got "
+                f"{box_reg_loss_type!r}"
             )
         for name, pair in (("pre_nms_topk", pre_nms_topk), ("post_nms_topk", post_nms_topk)):
             if len(pair) != 2 or min(pair) < 1:
@@ -304,13 +349,15 @@ class RPN(nn.Module):
         self.nms_thresh = nms_thresh
         self.min_box_size = min_box_size
         self.smooth_l1_beta = smooth_l1_beta
+        self.box_reg_loss_type = box_reg_loss_type
         self.loss_weight = loss_weight
         self.loss_normalizer = loss_normalizer
 
     @classmethod
     def from_config(cls, cfg: DictConfig, input_shape: dict[str, ShapeSpec]) -> dict[str, Any]:
         """Reads MODEL.RPN.*; builds the anchor generator (MODEL.ANCHOR_GENERATOR.NAME) and the
-        head (MODEL.RPN.HEAD_NAME, given `num_anchors` of the anchor generator).
+        head (MODEL.RPN.HEAD_NAME, given the anchor generator's `num_anchors` and the box
+        transform's `box_dim`).
 
         Raises:
             ValueError: a feature in MODEL.RPN.IN_FEATURES is not in `input_shape`.
@@ -327,8 +374,14 @@ class RPN(nn.Module):
         anchor_generator = build(
             ANCHOR_GENERATOR_REGISTRY, cfg.MODEL.ANCHOR_GENERATOR.NAME, cfg, shapes
         )
+        box2box_transform = Box2BoxTransform(weights=tuple(rpn.BBOX_REG_WEIGHTS))
         head = build(
-            RPN_HEAD_REGISTRY, rpn.HEAD_NAME, cfg, shapes, num_anchors=anchor_generator.num_anchors
+            RPN_HEAD_REGISTRY,
+            rpn.HEAD_NAME,
+            cfg,
+            shapes,
+            num_anchors=anchor_generator.num_anchors,
+            box_dim=box2box_transform.box_dim,
         )
         return {
             "in_features": in_features,
@@ -337,7 +390,7 @@ class RPN(nn.Module):
             "anchor_matcher": Matcher(
                 list(rpn.IOU_THRESHOLDS), list(rpn.IOU_LABELS), allow_low_quality_matches=True
             ),
-            "box2box_transform": Box2BoxTransform(weights=tuple(rpn.BBOX_REG_WEIGHTS)),
+            "box2box_transform": box2box_transform,
             "batch_size_per_image": rpn.BATCH_SIZE_PER_IMAGE,
             "positive_fraction": rpn.POSITIVE_FRACTION,
             "pre_nms_topk": (rpn.PRE_NMS_TOPK_TRAIN, rpn.PRE_NMS_TOPK_TEST),
@@ -345,6 +398,7 @@ class RPN(nn.Module):
             "nms_thresh": rpn.NMS_THRESH,
             "min_box_size": rpn.MIN_SIZE,
             "smooth_l1_beta": rpn.SMOOTH_L1_BETA,
+            "box_reg_loss_type": rpn.BBOX_REG_LOSS_TYPE,
             "loss_weight": rpn.LOSS_WEIGHT,
             "loss_normalizer": rpn.LOSS_NORMALIZER,
         }
@@ -354,7 +408,6 @@ class RPN(nn.Module):
         images: ImageList,
         features: dict[str, Tensor],
         gt_instances: Sequence[Instances] | None = None,
-        precomputed: Sequence[Instances] | None = None,
     ) -> tuple[list[Instances], dict[str, Tensor]]:
         """
         Args:
@@ -362,23 +415,34 @@ class RPN(nn.Module):
             features: backbone maps by name, [N, C, H_l, W_l]; `in_features` are read.
             gt_instances: N Instances with gt_boxes, or None; when given the losses are
                 computed (in training and in evaluation mode).
-            precomputed: ignored (part of the proposal generators' common signature).
 
         Returns:
             (proposals: N Instances with proposal_boxes and objectness_logits, detached;
             losses: {"loss_rpn_cls", "loss_rpn_loc"}, or {} without gt_instances).
+
+        Raises:
+            ValueError: a feature of `in_features` is missing, the head's deltas do not
+                have A * B channels, or gt_instances are not one per image.
         """
-        del precomputed
         missing = [f for f in self.in_features if f not in features]
         if missing:
             raise ValueError(f"RPN: features {missing} missing (given: {sorted(features)})")
         maps = [features[f] for f in self.in_features]
         anchors = self.anchor_generator(maps, image_size=tuple(images.tensor.shape[-2:]))
         logits, deltas = self.head(maps)
-        # [N, A, H, W] -> [N, H*W*A]; [N, A*4, H, W] -> [N, H*W*A, 4] (location-major).
+        box_dim = self.box2box_transform.box_dim
+        num_anchors = self.anchor_generator.num_anchors
+        if any(x.shape[1] != num_anchors * box_dim for x in deltas):
+            raise ValueError(
+                f"RPN: the head's deltas must have num_anchors * box_dim = {num_anchors} * "
+                f"{box_dim} channels, got {[x.shape[1] for x in deltas]}"
+            )
+        # [N, A, H, W] -> [N, H*W*A]; [N, A*B, H, W] -> [N, H*W*A, B] (location-major).
         logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
         deltas = [
-            x.view(x.shape[0], -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, 3)
+            x.view(x.shape[0], num_anchors, box_dim, x.shape[-2], x.shape[-1])
+            .permute(0, 3, 4, 1, 2)
+            .flatten(1, 3)
             for x in deltas
         ]
         losses: dict[str, Tensor] = {}
@@ -438,7 +502,7 @@ class RPN(nn.Module):
         Args:
             anchors: per level [A_l, 4].
             pred_objectness_logits: per level [N, A_l].
-            pred_anchor_deltas: per level [N, A_l, 4].
+            pred_anchor_deltas: per level [N, A_l, B].
             gt_labels: N tensors [A_total] of 1 / 0 / -1 (`label_and_sample_anchors`).
             gt_boxes: N tensors [A_total, 4], the matched gt box of each anchor.
 
@@ -448,15 +512,19 @@ class RPN(nn.Module):
         num_images = len(gt_labels)
         labels = torch.stack(list(gt_labels))  # [N, A_total]
         logits = torch.cat(list(pred_objectness_logits), dim=1)  # [N, A_total]
-        deltas = torch.cat(list(pred_anchor_deltas), dim=1)  # [N, A_total, 4]
+        deltas = torch.cat(list(pred_anchor_deltas), dim=1)  # [N, A_total, B]
         all_anchors = torch.cat(list(anchors)).to(deltas.dtype)  # [A_total, 4]
         matched = torch.stack(list(gt_boxes)).to(deltas.dtype)  # [N, A_total, 4]
 
-        pos = labels == 1
-        target_deltas = self.box2box_transform.get_deltas(
-            all_anchors.expand(num_images, -1, -1)[pos], matched[pos]
+        loss_loc = dense_box_regression_loss(
+            all_anchors,
+            self.box2box_transform,
+            deltas,
+            matched,
+            labels == 1,
+            self.box_reg_loss_type,
+            self.smooth_l1_beta,
         )
-        loss_loc = smooth_l1_loss(deltas[pos], target_deltas, self.smooth_l1_beta, "sum")
         valid = labels >= 0
         loss_cls = F.binary_cross_entropy_with_logits(
             logits[valid], labels[valid].to(logits.dtype), reduction="sum"
@@ -483,7 +551,7 @@ class RPN(nn.Module):
         Args:
             anchors: per level [A_l, 4].
             pred_objectness_logits: per level [N, A_l].
-            pred_anchor_deltas: per level [N, A_l, 4].
+            pred_anchor_deltas: per level [N, A_l, B].
             image_sizes: N pairs (height, width).
 
         Returns:
