@@ -7,6 +7,7 @@
                   --output DIR [--limit N] [--confidence 0.5] [KEY=VALUE ...]
     detframe benchmark CONFIG [--weights FILE] [--images N] [--train] [KEY=VALUE ...]
     detframe config CONFIG [KEY=VALUE ...]
+    detframe schema
     detframe plot RUN_DIR [RUN_DIR ...] --output PNG [--keys KEY ...] [--window N]
 
 KEY=VALUE items override config keys (values are YAML) and may stand anywhere after the
@@ -63,7 +64,7 @@ def format_results(results: Mapping[str, Any]) -> str:
 
 def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Any:
     """The config of the command: its file, its KEY=VALUE items, then `extra`."""
-    from detframe.config import load_config
+    from detframe.engine.setup import load_config
 
     return load_config(args.config, [*args.overrides, *extra])
 
@@ -71,18 +72,16 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Any:
 def _run(config: str, overrides: Sequence[str], resume: bool, eval_only: bool) -> None:
     """One process of `detframe train` / `eval`: set up, then train or evaluate, and print
     the results table on rank 0."""
-    from detframe.config import load_config
     from detframe.engine import Checkpointer, Trainer, default_setup
+    from detframe.engine.setup import load_config
     from detframe.utils.comm import is_main_process
 
     cfg = default_setup(load_config(config, overrides))
     if eval_only:
-        model = Trainer.build_model(cfg)
-        if resume:
-            checkpointer = Checkpointer(model, cfg.OUTPUT_DIR)
-            if not checkpointer.has_checkpoint():
-                raise FileNotFoundError(f"--resume: no checkpoint in {cfg.OUTPUT_DIR}")
-            checkpointer.load(checkpointer.get_checkpoint_file(), checkpointables=[])
+        # Resuming replaces MODEL.WEIGHTS (which may then be, e.g., an ImageNet file).
+        model = Trainer.build_model(cfg, strict_weights=not resume)
+        if resume and Checkpointer(model, cfg.OUTPUT_DIR).load_for_resume() is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.OUTPUT_DIR}")
         results = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg)
@@ -155,6 +154,7 @@ def _demo(args: argparse.Namespace) -> int:
         args.output,
         _class_names(cfg),
         score_threshold=args.confidence,
+        on_bad=cfg.DATALOADER.ON_BAD_DATA,
     )
     print(f"wrote {len(written)} pictures to {args.output}")
     return 0
@@ -163,7 +163,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     import itertools
 
-    from detframe.data import DatasetMapper, register_from_config
+    from detframe.data import register_from_config
     from detframe.engine import Trainer, build_optimizer, load_datasets, setup_logging
     from detframe.engine.benchmark import (
         benchmark_inference,
@@ -178,9 +178,10 @@ def _benchmark(args: argparse.Namespace) -> int:
     if not cfg.DATASETS.TEST:
         raise ValueError("benchmark needs images: set DATASETS.TEST in the config")
     name = cfg.DATASETS.TEST[0]
-    mapper = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=False))
+    mapper = Trainer.build_mapper(cfg, is_train=False)
     inputs = [mapper(d) for d in load_datasets([name])[name][: args.images]]
-    model = Trainer.build_model(cfg)
+    # Without --weights, the config's MODEL.WEIGHTS initialise the model as for training.
+    model = Trainer.build_model(cfg, strict_weights=bool(args.weights))
     total, trainable = count_parameters(model)
     size = tuple(inputs[0]["image"].shape[1:])
     millions = f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable"
@@ -202,6 +203,13 @@ def _config(args: argparse.Namespace) -> int:
     from detframe.config import format_config
 
     print(format_config(_load(args)), end="")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from detframe.engine.setup import schema_markdown
+
+    print(schema_markdown(), end="")
     return 0
 
 
@@ -273,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--train-steps", type=int, default=5, help="timed training steps")
 
     command("config", _config, "print the effective config")
+    command("schema", _schema, "print the declared config keys as a markdown table", config=False)
 
     plot = command("plot", _plot, "plot loss and AP curves of runs to a PNG", config=False)
     plot.add_argument(

@@ -37,8 +37,11 @@ from fvcore.common.registry import Registry as _FvcoreRegistry
 __all__ = [
     "ANCHOR_GENERATOR_REGISTRY",
     "BACKBONE_REGISTRY",
+    "BOX_PREDICTOR_REGISTRY",
     "DATASET_REGISTRY",
     "EVALUATOR_REGISTRY",
+    "FPN_TOP_BLOCK_REGISTRY",
+    "MAPPER_REGISTRY",
     "META_ARCH_REGISTRY",
     "POOLER_REGISTRY",
     "PROPOSAL_GENERATOR_REGISTRY",
@@ -46,6 +49,7 @@ __all__ = [
     "ROI_HEADS_REGISTRY",
     "ROI_MASK_HEAD_REGISTRY",
     "RPN_HEAD_REGISTRY",
+    "TRAIN_STEP_REGISTRY",
     "Registry",
     "UnknownNameError",
     "build",
@@ -142,6 +146,8 @@ META_ARCH_REGISTRY = Registry("META_ARCH")
 BACKBONE_REGISTRY = Registry("BACKBONE")
 # Proposal generators: RPN, DeepMask, precomputed, ...
 PROPOSAL_GENERATOR_REGISTRY = Registry("PROPOSAL_GENERATOR")
+# FPN top blocks: extra coarse levels above the pyramid (P6 by max-pool, P6/P7 by convs).
+FPN_TOP_BLOCK_REGISTRY = Registry("FPN_TOP_BLOCK")
 # RPN heads: feature maps -> objectness logits and box deltas.
 RPN_HEAD_REGISTRY = Registry("RPN_HEAD")
 # Anchor generators: feature maps -> anchors per level.
@@ -150,11 +156,17 @@ ANCHOR_GENERATOR_REGISTRY = Registry("ANCHOR_GENERATOR")
 ROI_HEADS_REGISTRY = Registry("ROI_HEADS")
 # Box heads: pooled ROI features -> box features.
 ROI_BOX_HEAD_REGISTRY = Registry("ROI_BOX_HEAD")
+# Box predictors: box features -> class scores and box deltas; losses and detections.
+BOX_PREDICTOR_REGISTRY = Registry("BOX_PREDICTOR")
 # Mask heads: pooled ROI features -> mask logits.
 ROI_MASK_HEAD_REGISTRY = Registry("ROI_MASK_HEAD")
 # ROI poolers: feature maps and boxes -> fixed-size ROI features.
 POOLER_REGISTRY = Registry("POOLER")
+# Dataset mappers: a dataset dict -> a model input (`DATALOADER.MAPPER`).
+MAPPER_REGISTRY = Registry("MAPPER")
 # Datasets: named in `DATASETS.TRAIN` / `DATASETS.TEST`.
 DATASET_REGISTRY = Registry("DATASET")
 # Evaluators: predictions and ground truth -> metrics.
 EVALUATOR_REGISTRY = Registry("EVALUATOR")
+# Training steps: one iteration's batch, losses, backward and update (`SOLVER.TRAIN_STEP`).
+TRAIN_STEP_REGISTRY = Registry("TRAIN_STEP")

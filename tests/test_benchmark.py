@@ -21,21 +21,22 @@ from test_rcnn_model import ROOT, SMALL, sample
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from detframe.config import load_config
 from detframe.engine.benchmark import (
     ROI_ALIGN_ADAPTIVE,
-    STAGES,
     benchmark_inference,
     benchmark_training,
     count_flops,
     count_parameters,
     flop_count_analysis,
     instrument,
+    model_stages,
 )
+from detframe.engine.setup import load_config
 from detframe.layers import roi_align, roi_pool
 from detframe.modeling import GeneralizedRCNN, build_model
 from detframe.utils.profiling import StageTimes, peak_memory_mb, reset_peak_memory
 
+STAGES = ("preprocessing", "backbone", "proposal_generator", "roi_heads", "post-processing")
 CONFIG = ROOT / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_1x.yaml"
 
 
@@ -57,7 +58,7 @@ def assert_uninstrumented(model: GeneralizedRCNN) -> None:
     assert "preprocess_image" not in vars(model)
     assert "postprocess" not in vars(model)
     assert model.preprocess_image.__func__ is GeneralizedRCNN.preprocess_image
-    assert model.postprocess is GeneralizedRCNN.postprocess
+    assert model.postprocess.__func__ is GeneralizedRCNN.postprocess
 
 
 # ------------------------------------------------------------------------------ profiling
@@ -306,6 +307,7 @@ def test_instrument_times_one_call_of_each_stage() -> None:
     model = small_model().eval()
     with torch.no_grad(), instrument(model) as times:
         model(eval_inputs((64, 96)))
+    assert model_stages(model) == STAGES
     assert dict(times.calls) == dict.fromkeys(STAGES, 1)
     assert_uninstrumented(model)
 
@@ -355,7 +357,7 @@ def test_training_steps_update_the_weights_and_report_consistently() -> None:
         "loss_mask",
     }
     assert all(math.isfinite(v) for v in report.losses.values())
-    forward = ["preprocessing", "backbone", "proposals", "ROI heads"]
+    forward = ["preprocessing", "backbone", "proposal_generator", "roi_heads"]
     assert list(report.stage_seconds) == [*forward, "backward", "optimizer step", "other"]
     assert all(report.stage_seconds[s] > 0 for s in [*forward, "backward", "optimizer step"])
     assert sum(report.stage_seconds.values()) == pytest.approx(

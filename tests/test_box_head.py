@@ -13,7 +13,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead as TVConvFCHead
 from torchvision.ops import batched_nms, generalized_box_iou_loss
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.layers import ShapeSpec
 from detframe.modeling.box_coder import Box2BoxTransform
 from detframe.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers

@@ -114,7 +114,7 @@ def _ground_truth_as_detections(gt: COCO, class_of: dict[int, int]) -> list[Inst
 def _run(evaluator: COCOEvaluator, outputs: list[Instances]) -> dict[str, dict[str, float]]:
     evaluator.reset()
     for image_id, instances in zip(SIZES, outputs, strict=True):
-        evaluator.process([{"image_id": image_id}], [instances])
+        evaluator.process([{"image_id": image_id}], [{"instances": instances}])
     return evaluator.evaluate()
 
 
@@ -261,7 +261,7 @@ def test_empty_predictions(gt_path: Path, caplog: pytest.LogCaptureFixture) -> N
 def test_only_processed_images_are_evaluated(gt_path: Path) -> None:
     evaluator = COCOEvaluator(gt_path)
     outputs = _ground_truth_as_detections(evaluator.coco_gt, {3: 0, 7: 1})
-    evaluator.process([{"image_id": 1}], [outputs[0]])
+    evaluator.process([{"image_id": 1}], [{"instances": outputs[0]}])
     # Image 2's ground truth does not count as missed: it was not processed.
     assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100.0)
 
@@ -279,10 +279,10 @@ def test_bad_arguments(gt_path: Path) -> None:
         pred_classes=torch.tensor([0]),
     )
     with pytest.raises(ValueError, match="pred_masks"):
-        evaluator.process([{"image_id": 1}], [no_masks])
+        evaluator.process([{"image_id": 1}], [{"instances": no_masks}])
     no_masks.pred_classes = torch.tensor([5])
     with pytest.raises(KeyError, match="class index 5"):
-        COCOEvaluator(gt_path).process([{"image_id": 1}], [no_masks])
+        COCOEvaluator(gt_path).process([{"image_id": 1}], [{"instances": no_masks}])
 
 
 def _distributed_worker(rank: int, world_size: int, gt_path: str, init_file: str, out: str):
@@ -294,7 +294,7 @@ def _distributed_worker(rank: int, world_size: int, gt_path: str, init_file: str
         evaluator = COCOEvaluator(gt_path, tasks=("bbox", "segm"))
         for index, (image_id, instances) in enumerate(zip(SIZES, _hand_outputs(), strict=True)):
             if index % world_size == rank:
-                evaluator.process([{"image_id": image_id}], [instances])
+                evaluator.process([{"image_id": image_id}], [{"instances": instances}])
         results = evaluator.evaluate()
     finally:
         torch.distributed.destroy_process_group()
@@ -316,3 +316,24 @@ def test_distributed_ranks_gather_to_rank_0(gt_path: Path, tmp_path: Path) -> No
             [gathered[task][k] for k in sorted(single[task])],
             [single[task][k] for k in sorted(single[task])],
         )
+
+
+def test_split_without_annotations_says_why_ap_is_undefined(
+    gt_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset = json.loads(gt_path.read_text())
+    dataset["annotations"] = []
+    unlabelled = tmp_path / "unlabelled.json"
+    unlabelled.write_text(json.dumps(dataset))
+    evaluator = COCOEvaluator(unlabelled, tasks=("bbox", "segm"))
+    box = [[10.0, 10.0, 30.0, 30.0]]
+    outputs = [_instances(i, box, [0.9], [0], [_rectangle_mask(box[0], i)], True) for i in SIZES]
+    with caplog.at_level(logging.WARNING, logger="detframe.evaluation.coco_evaluation"):
+        for image_id, instances in zip(SIZES, outputs, strict=True):
+            evaluator.process([{"image_id": image_id}], [{"instances": instances}])
+        results = evaluator.evaluate()
+    assert all(math.isnan(v) for task in ("bbox", "segm") for v in results[task].values())
+    assert set(results["bbox"]) >= {"AP", "AP50", "AR100", "AP-circle"}
+    expected = f"{unlabelled} has no annotations for the {len(SIZES)} evaluated images"
+    assert expected in caplog.text and "AP and AR are undefined" in caplog.text
+    assert f"bbox: {expected}" in evaluator.summary

@@ -112,7 +112,7 @@ def test_hand_computed_average_recall(gt_path: Path) -> None:
     evaluator = ProposalEvaluator(
         str(gt_path), tasks=("box_proposals", "segm_proposals"), limits=(1, 2, 10)
     )
-    evaluator.process([{"image_id": 1}], [_proposals([3, 1, 0, 2])])
+    evaluator.process([{"image_id": 1}], [{"proposals": _proposals([3, 1, 0, 2])}])
     results = evaluator.evaluate()
     for task in ("box_proposals", "segm_proposals"):
         for name, value in EXPECTED.items():
@@ -129,7 +129,7 @@ def test_images_without_proposals_count_as_misses(gt_path: Path) -> None:
         objectness_logits=torch.zeros(0),
         proposal_masks=torch.zeros(0, *SIZE, dtype=torch.bool),
     )
-    evaluator.process([{"image_id": 1}], [empty])
+    evaluator.process([{"image_id": 1}], [{"proposals": empty}])
     results = evaluator.evaluate()
     assert results["box_proposals"]["AR@10"] == 0.0
     assert results["segm_proposals"]["ARm@10"] == 0.0
@@ -157,4 +157,4 @@ def test_bad_arguments(gt_path: Path) -> None:
         SIZE, proposal_boxes=Boxes(torch.zeros(1, 4)), objectness_logits=torch.zeros(1)
     )
     with pytest.raises(ValueError, match="proposal_masks"):
-        evaluator.process([{"image_id": 1}], [no_masks])
+        evaluator.process([{"image_id": 1}], [{"proposals": no_masks}])

@@ -95,9 +95,11 @@ class StubDetector(nn.Module):
         self.calls.append((self.training, torch.is_grad_enabled()))
         self.saw_instances |= any("instances" in x for x in inputs)
         ids = [x["image_id"] for x in inputs]
-        return [_detection(i) if i in self.detected else _no_detection() for i in ids]
+        return [
+            {"instances": _detection(i) if i in self.detected else _no_detection()} for i in ids
+        ]
 
-    def detect_and_compute_losses(self, inputs):
+    def outputs_and_losses(self, inputs):
         ids = torch.tensor([float(x["image_id"]) for x in inputs])
         losses = {"loss_a": ids.mean() * self.weight, "loss_b": torch.tensor(2.0)}
         return self(inputs), losses

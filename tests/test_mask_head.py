@@ -11,7 +11,7 @@ import torch
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import roi_align as tv_roi_align
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.layers import ShapeSpec
 from detframe.modeling.roi_heads import (
     MaskRCNNConvUpsampleHead,

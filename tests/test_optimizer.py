@@ -15,13 +15,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 import detframe.engine  # noqa: F401  (declares the SOLVER keys)
-from detframe.config import ConfigError, load_config
+from detframe.config import ConfigError
 from detframe.engine.optimizer import (
     build_grad_clipper,
     build_optimizer,
     param_groups,
     parse_lr_multipliers,
 )
+from detframe.engine.setup import load_config
 
 BASE_LR = 0.1
 WD = 1e-4

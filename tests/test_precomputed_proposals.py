@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.layers import ShapeSpec
 from detframe.modeling.proposal_generator import PrecomputedProposals, build_proposal_generator
 from detframe.structures import Boxes, ImageList, Instances
@@ -51,13 +51,14 @@ def build(tmp_path: Path, overrides: list[str]) -> PrecomputedProposals:
 @pytest.mark.parametrize("training", [True, False])
 def test_keeps_top_k_of_each_image_highest_first(tmp_path: Path, training: bool) -> None:
     generator = build(
-        tmp_path, ["MODEL.RPN.POST_NMS_TOPK_TRAIN=7", "MODEL.RPN.POST_NMS_TOPK_TEST=4"]
+        tmp_path,
+        ["MODEL.PRECOMPUTED_PROPOSALS.TOPK_TRAIN=7", "MODEL.PRECOMPUTED_PROPOSALS.TOPK_TEST=4"],
     )
     generator.train(training)
     k = 7 if training else 4
     inputs = [given(12, IMAGE_SIZES[0], 0), given(3, IMAGE_SIZES[1], 1)]
     gt = [Instances(s, gt_boxes=Boxes(torch.tensor([[1.0, 2, 3, 4]]))) for s in IMAGE_SIZES]
-    proposals, losses = generator(images(), {}, gt, inputs)
+    proposals, losses = generator(images(), {}, gt, proposals=inputs)
     assert losses == {}
     assert [len(p) for p in proposals] == [k, 3]
     for out, src in zip(proposals, inputs, strict=True):
@@ -76,23 +77,23 @@ def test_ties_keep_the_given_order_and_extra_fields_are_dropped() -> None:
         objectness_logits=torch.tensor([1.0, 2.0, 1.0, 2.0]),
         extra=torch.arange(4),
     )
-    generator = PrecomputedProposals(post_nms_topk=(3, 3))
+    generator = PrecomputedProposals(topk=(3, 3))
     other = given(2, IMAGE_SIZES[1], 0)
-    (out, _), _ = generator(images(), {}, None, [src, other])
+    (out, _), _ = generator(images(), {}, None, proposals=[src, other])
     assert out.proposal_boxes.tensor[:, 0].tolist() == [1.0, 3.0, 0.0]
     assert not out.has("extra")
 
 
 def test_bad_inputs() -> None:
-    generator = PrecomputedProposals(post_nms_topk=(5, 5))
+    generator = PrecomputedProposals(topk=(5, 5))
     with pytest.raises(ValueError, match="needs precomputed proposals"):
-        generator(images(), {}, None, None)
+        generator(images(), {}, None)
     with pytest.raises(ValueError, match="1 precomputed proposal sets for 2 images"):
-        generator(images(), {}, None, [given(3, IMAGE_SIZES[0], 0)])
+        generator(images(), {}, None, proposals=[given(3, IMAGE_SIZES[0], 0)])
     no_logits = Instances(IMAGE_SIZES[1], proposal_boxes=Boxes(torch.zeros(2, 4)))
-    with pytest.raises(ValueError, match=r"precomputed\[1\] has no field 'objectness_logits'"):
-        generator(images(), {}, None, [given(3, IMAGE_SIZES[0], 0), no_logits])
-    with pytest.raises(ValueError, match=r"precomputed\[0\].image_size \(50, 70\) differs"):
-        generator(images(), {}, None, [given(3, (50, 70), 0), given(3, (50, 70), 1)])
-    with pytest.raises(ValueError, match="post_nms_topk"):
-        PrecomputedProposals(post_nms_topk=(0, 5))
+    with pytest.raises(ValueError, match=r"proposals\[1\] has no field 'objectness_logits'"):
+        generator(images(), {}, None, proposals=[given(3, IMAGE_SIZES[0], 0), no_logits])
+    with pytest.raises(ValueError, match=r"proposals\[0\].image_size \(50, 70\) differs"):
+        generator(images(), {}, None, proposals=[given(3, (50, 70), 0), given(3, (50, 70), 1)])
+    with pytest.raises(ValueError, match="topk"):
+        PrecomputedProposals(topk=(0, 5))

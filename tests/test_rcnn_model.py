@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.modeling import GeneralizedRCNN, build_model
 from detframe.structures import BitMasks, Boxes, Instances
 
@@ -88,8 +88,9 @@ def test_evaluation_mode_gives_detections_and_validation_losses() -> None:
     batch = [sample(64, 96, [[10.0, 10.0, 50.0, 40.0]], seed=2), sample(48, 64, [], seed=3)]
     batch[0]["height"], batch[0]["width"] = 128, 192  # report at twice the size
     with torch.no_grad():
-        detections, losses = model.detect_and_compute_losses(batch)
-        plain = model.inference(batch)
+        outputs, losses = model.outputs_and_losses(batch)
+        plain = [out["instances"] for out in model.inference(batch)]
+    detections = [out["instances"] for out in outputs]
     assert set(losses) >= {"loss_rpn_cls", "loss_cls", "loss_mask"}
     assert [d.image_size for d in detections] == [(128, 192), (48, 64)]
     for d, p in zip(detections, plain, strict=True):
@@ -111,7 +112,8 @@ def test_fast_rcnn_on_precomputed_proposals() -> None:
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask"}  # no RPN losses
     model.eval()
     with torch.no_grad():
-        (detections,) = model.inference(batch)
+        (output,) = model.inference(batch)
+    detections = output["instances"]
     assert detections.image_size == (64, 96)
     with pytest.raises(ValueError, match="PrecomputedProposals"):
         model.inference([{"image": batch[0]["image"]}])
@@ -120,7 +122,7 @@ def test_fast_rcnn_on_precomputed_proposals() -> None:
 def test_bad_inputs_say_what_is_wrong() -> None:
     model = small_model()
     model.train()
-    with pytest.raises(ValueError, match="training needs 'instances'"):
+    with pytest.raises(ValueError, match="training mode needs 'instances' in every input"):
         model([{"image": torch.zeros(3, 32, 32, dtype=torch.uint8)}])
     model.eval()
     with pytest.raises(ValueError, match=r"input 0: image must be \[3, H, W\], got \(32, 32\)"):
@@ -190,7 +192,7 @@ MODEL:
   BACKBONE:
     NAME: TinyConvBackbone
   ANCHOR_GENERATOR:
-    SIZES: [16, 32]
+    SIZES: [[16], [32]]
   RPN:
     IN_FEATURES: [p2, p3]
   ROI_HEADS:
@@ -224,6 +226,7 @@ def test_custom_backbone_and_box_head_from_a_users_module(
 
     model.eval()
     with torch.no_grad():
-        (detections,) = model([{"image": sample(64, 96, [], 6)["image"]}])
+        (output,) = model([{"image": sample(64, 96, [], 6)["image"]}])
+    detections = output["instances"]
     assert detections.image_size == (64, 96)
     assert detections.pred_masks.shape[1:] == (64, 96)

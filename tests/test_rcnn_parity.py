@@ -34,7 +34,7 @@ from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.modeling import build_model, convert_torchvision_detection
 from detframe.structures import BitMasks, Boxes, Instances
 
@@ -140,7 +140,7 @@ def test_same_detections_and_proposals(models: tuple[nn.Module, nn.Module, bool]
             {"image": resize_like_torchvision(im), "height": im.shape[1], "width": im.shape[2]}
             for im in images
         ]
-        df_outputs = df_model(inputs)
+        df_outputs = [out["instances"] for out in df_model(inputs)]
     assert sum(len(out["boxes"]) for out in tv_outputs) > 0, "random weights gave no detections"
     for tv_props, df_props in zip(seen["torchvision"][0], seen["detframe"][0], strict=True):
         assert df_props.shape == tv_props.shape
@@ -162,14 +162,14 @@ def test_nothing_above_the_threshold(models: tuple[nn.Module, nn.Module, bool]) 
             tv_out = tv_model([image])[0]
             df_out = df_model(
                 [{"image": resize_like_torchvision(image), "height": 160, "width": 300}]
-            )
+            )[0]["instances"]
     finally:
         tv_model.roi_heads.score_thresh = 0.05
         df_model.roi_heads.box_predictor.test_score_thresh = 0.05
     assert len(tv_out["boxes"]) == 0
-    assert len(df_out[0]) == 0 and df_out[0].image_size == (160, 300)
+    assert len(df_out) == 0 and df_out.image_size == (160, 300)
     if mask_on:
-        assert df_out[0].pred_masks.shape == (0, 160, 300)
+        assert df_out.pred_masks.shape == (0, 160, 300)
 
 
 def training_batch(mask_on: bool) -> tuple[list, list, list]:

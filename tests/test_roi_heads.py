@@ -21,7 +21,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.layers import ShapeSpec
 from detframe.modeling.roi_heads import StandardROIHeads, build_roi_heads
 from detframe.structures import BitMasks, Boxes, ImageList, Instances

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from detframe.engine.train_loop import HookBase, SimpleTrainer
+from detframe.engine.train_loop import HookBase, SimpleStep, TrainerBase, TrainStep
 
 
 class Regression(nn.Module):
@@ -65,7 +65,9 @@ class Recorder(HookBase):
 
 def test_hooks_run_in_order_around_each_step() -> None:
     model = Regression()
-    trainer = SimpleTrainer(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.0))
+    trainer = TrainerBase(
+        SimpleStep(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.0))
+    )
     log: list[str] = []
     trainer.register_hooks([Recorder("a", log), None, Recorder("b", log)])
     trainer.train(3, 5)
@@ -82,7 +84,9 @@ def test_hooks_run_in_order_around_each_step() -> None:
 
 def test_step_is_one_sgd_update_of_the_summed_losses() -> None:
     model = Regression()
-    trainer = SimpleTrainer(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = TrainerBase(
+        SimpleStep(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.1))
+    )
     trainer.train(0, 1)
     # by hand: predictions w.x + b = [1 - 2 + 0.5, 0 - 1 + 0.5] = [-0.5, -0.5], errors
     # e = [-3.5, 0.5]; d(mse)/dpred = e (2/2), d(l1)/dpred = sign(e) / 2
@@ -108,12 +112,14 @@ class NaNAt(HookBase):
     def before_step(self) -> None:
         if self.trainer.iter == self.iteration:
             with torch.no_grad():
-                self.trainer.model.linear.bias.fill_(math.nan)
+                self.trainer.step.model.linear.bias.fill_(math.nan)
 
 
 def test_non_finite_loss_stops_before_the_update_naming_iteration_and_terms() -> None:
     model = Regression()
-    trainer = SimpleTrainer(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = TrainerBase(
+        SimpleStep(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.1))
+    )
     log: list[str] = []
     trainer.register_hooks([NaNAt(2), Recorder("r", log)])
     with pytest.raises(FloatingPointError) as error:
@@ -129,8 +135,10 @@ def test_non_finite_loss_stops_before_the_update_naming_iteration_and_terms() ->
 def test_gradient_clipper_sees_the_gradients_before_the_update() -> None:
     model = Regression()
     clip = functools.partial(torch.nn.utils.clip_grad_norm_, max_norm=0.01)
-    trainer = SimpleTrainer(
-        model, _batches(), torch.optim.SGD(model.parameters(), lr=1.0), grad_clipper=clip
+    trainer = TrainerBase(
+        SimpleStep(
+            model, _batches(), torch.optim.SGD(model.parameters(), lr=1.0), grad_clipper=clip
+        )
     )
     before = [p.detach().clone() for p in model.parameters()]
     trainer.train(0, 1)
@@ -151,11 +159,46 @@ def test_cpu_mixed_precision_runs_the_forward_in_bfloat16() -> None:
             return super().forward(batch)
 
     model = Probe()
-    trainer = SimpleTrainer(
-        model, _batches(), torch.optim.SGD(model.parameters(), lr=0.1), amp=True
+    trainer = TrainerBase(
+        SimpleStep(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.1), amp=True)
     )
-    assert trainer.grad_scaler is None  # loss scaling is for float16 on CUDA only
+    assert trainer.step.grad_scaler is None  # loss scaling is for float16 on CUDA only
     trainer.train(0, 2)
     assert seen == [torch.bfloat16, torch.bfloat16]
     assert model.linear.weight.dtype == torch.float32
     assert all(math.isfinite(v) for v in trainer.metrics.values())
+
+
+class AccumulateTwo(TrainStep):
+    """A custom step (gradient accumulation over two batches), the way a user writes one."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer, self.batches = model, optimizer, _batches()
+
+    def __call__(self, iteration: int) -> dict[str, float]:
+        self.optimizer.zero_grad()
+        total = 0.0
+        for _ in range(2):
+            loss = sum(self.model(next(self.batches)).values()) / 2
+            loss.backward()
+            total += float(loss)
+        self.optimizer.step()
+        return {"total_loss": total, "iteration": float(iteration)}
+
+
+def test_a_custom_step_is_one_class_the_trainer_runs() -> None:
+    model = Regression()
+    reference = Regression()
+    trainer = TrainerBase(AccumulateTwo(model, torch.optim.SGD(model.parameters(), lr=0.1)))
+    log: list[str] = []
+    trainer.register_hooks([Recorder("r", log)])
+    trainer.train(0, 1)
+    assert trainer.metrics["iteration"] == 0.0
+    # Two identical batches accumulated at half weight each: one plain SGD step.
+    plain = TrainerBase(
+        SimpleStep(reference, _batches(), torch.optim.SGD(reference.parameters(), lr=0.1))
+    )
+    plain.train(0, 1)
+    assert trainer.metrics["total_loss"] == pytest.approx(plain.metrics["total_loss"])
+    torch.testing.assert_close(model.linear.weight, reference.linear.weight)
+    assert log == ["r.before_train", "r.before_step0", "r.after_step0", "r.after_train(True)"]

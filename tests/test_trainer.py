@@ -10,9 +10,8 @@ import pytest
 import torch
 from tiny_run import QUICKSTART, tiny_model_overrides
 
-from detframe.config import load_config
 from detframe.engine import HookBase, Trainer, default_setup
-from detframe.engine.setup import setup_logging
+from detframe.engine.setup import load_config, setup_logging
 
 
 @pytest.fixture(autouse=True)

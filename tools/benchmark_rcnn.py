@@ -43,7 +43,7 @@ from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detframe.config import load_config
+from detframe.engine.setup import load_config
 from detframe.modeling import build_model, convert_torchvision_detection
 from detframe.structures import BitMasks, Boxes, Instances
 from detframe.utils.profiling import StageTimes
@@ -234,7 +234,7 @@ def main() -> None:
         with torch.no_grad():
             resized = resize_like_torchvision(image)
             x = {"image": resized, "height": IMAGE_H, "width": IMAGE_W}
-            outputs["detframe"] = df_model([x])[0]
+            outputs["detframe"] = df_model([x])[0]["instances"]
 
     tv_times, df_times = instrument(tv_model, df_model)
     infer = measure(

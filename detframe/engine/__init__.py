@@ -11,8 +11,8 @@ from .launch import launch
 from .lr_scheduler import LRMultiplier, build_lr_schedule, build_lr_scheduler
 from .optimizer import build_grad_clipper, build_optimizer, param_groups
 from .predictor import Predictor, read_image
-from .setup import default_setup, setup_logging
-from .train_loop import HookBase, SimpleTrainer, TrainerBase
+from .setup import default_setup, load_config, schema_markdown, setup_logging
+from .train_loop import HookBase, SimpleStep, TrainerBase, TrainStep
 from .trainer import Trainer, load_datasets
 from .writers import PeriodicWriter, default_writers
 
@@ -25,8 +25,9 @@ __all__ = [
     "PeriodicCheckpointer",
     "PeriodicWriter",
     "Predictor",
-    "SimpleTrainer",
+    "SimpleStep",
     "StepMonitor",
+    "TrainStep",
     "Trainer",
     "TrainerBase",
     "build_grad_clipper",
@@ -37,9 +38,11 @@ __all__ = [
     "default_setup",
     "default_writers",
     "launch",
+    "load_config",
     "load_datasets",
     "param_groups",
     "read_image",
     "restore_rng_state",
+    "schema_markdown",
     "setup_logging",
 ]

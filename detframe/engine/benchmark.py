@@ -13,9 +13,12 @@ Conventions:
   each stage boundary (`StageTimes`), so stage times are the device's work. A stage's figure
   is its mean over the timed calls; "other" is the mean total minus the stages (the work
   between them: moving targets, splitting the batch, summing the losses, zero_grad).
-- The stages of a `GeneralizedRCNN` (`STAGES`) are its `preprocess_image`, `backbone`,
-  `proposal_generator`, `roi_heads` and `postprocess`; a training step adds "backward" and
-  "optimizer step" (a training forward has no post-processing).
+- The stages of a meta-architecture (`model_stages`) are its `preprocess_image`
+  ("preprocessing"), each of its direct submodules by attribute name in registration order
+  (e.g. "backbone", "proposal_generator", "roi_heads" for a GeneralizedRCNN) and its
+  `postprocess` ("post-processing"); a training step adds "backward" and "optimizer step"
+  (a training forward has no post-processing). Only the `MetaArchitecture` protocol is
+  assumed, so every kind of model is timed the same way.
 - Peak memory is `detframe.utils.profiling.peak_memory_mb`: on CUDA the most held by tensors
   during the timed calls; on the CPU the process's peak RSS since it started, which cannot be
   reset (so it also counts whatever ran before).
@@ -52,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from detframe.modeling import GeneralizedRCNN
+from detframe.modeling import MetaArchitecture
 from detframe.structures import Boxes
 from detframe.utils.profiling import (
     StageTimes,
@@ -65,7 +68,7 @@ if TYPE_CHECKING:
     from fvcore.nn import FlopCountAnalysis
 
 __all__ = [
-    "STAGES",
+    "PREPROCESSING",
     "FlopReport",
     "InferenceReport",
     "TrainingReport",
@@ -75,24 +78,29 @@ __all__ = [
     "count_parameters",
     "flop_count_analysis",
     "instrument",
+    "model_stages",
 ]
 
-STAGES = ("preprocessing", "backbone", "proposals", "ROI heads", "post-processing")
+PREPROCESSING, POSTPROCESSING = "preprocessing", "post-processing"
 TRAINING_STAGES = ("backward", "optimizer step")
 ROI_ALIGN_ADAPTIVE = "roi_align (adaptive sampling: 1 sample per bin, a lower bound)"
 # detframe's operators that are counted as 0 flops, and why.
 IGNORED_OPS = {"detframe::roi_pool": "a maximum over each bin: comparisons only"}
 
 
-def instrument(model: GeneralizedRCNN) -> StageTimes:
-    """Times the stages of `model` (`STAGES`) on every call until `.remove()` (or the end of
-    a `with` block over the returned object)."""
+def model_stages(model: MetaArchitecture) -> tuple[str, ...]:
+    """The stages `instrument` times, in the order they run (see the module docstring)."""
+    return (PREPROCESSING, *(name for name, _ in model.named_children()), POSTPROCESSING)
+
+
+def instrument(model: MetaArchitecture) -> StageTimes:
+    """Times the stages of `model` (`model_stages`) on every call until `.remove()` (or the
+    end of a `with` block over the returned object)."""
     times = StageTimes(model.device)
-    times.wrap_method(model, "preprocess_image", "preprocessing")
-    times.hook_module(model.backbone, "backbone")
-    times.hook_module(model.proposal_generator, "proposals")
-    times.hook_module(model.roi_heads, "ROI heads")
-    times.wrap_method(model, "postprocess", "post-processing")
+    times.wrap_method(model, "preprocess_image", PREPROCESSING)
+    for name, module in model.named_children():
+        times.hook_module(module, name)
+    times.wrap_method(model, "postprocess", POSTPROCESSING)
     return times
 
 
@@ -120,7 +128,8 @@ class InferenceReport:
 
     Attributes:
         seconds_per_image: wall time of each timed call.
-        stage_seconds: mean seconds per timed call of each stage (`STAGES`), then "other".
+        stage_seconds: mean seconds per timed call of each stage (`model_stages`), then
+            "other".
         peak_memory_mb: see `memory_kind`.
         memory_kind: what the peak memory measures (`peak_memory_kind`).
         warmup: untimed calls before the timed ones.
@@ -164,7 +173,7 @@ class TrainingReport:
 
     Attributes:
         seconds_per_step: wall time of each timed step.
-        stage_seconds: mean seconds per timed step of each forward stage (`STAGES` that ran),
+        stage_seconds: mean seconds per timed step of each forward stage (that ran),
             "backward", "optimizer step", then "other" (summing the losses, zero_grad, and
             the forward's work between its stages).
         images_per_step: mean number of images in a timed step's batch.
@@ -231,7 +240,7 @@ def _stage_means(times: StageTimes, stages: Sequence[str], calls: int) -> dict[s
 
 
 def benchmark_inference(
-    model: GeneralizedRCNN,
+    model: MetaArchitecture,
     inputs: Sequence[dict[str, Any]],
     *,
     warmup: int = 2,
@@ -268,7 +277,7 @@ def benchmark_inference(
             model([inputs[i % len(inputs)]])
             _synchronize(device)
             seconds.append(time.perf_counter() - start)
-    stage_seconds = _stage_means(times, STAGES, repeat)
+    stage_seconds = _stage_means(times, model_stages(model), repeat)
     stage_seconds["other"] = statistics.fmean(seconds) - sum(stage_seconds.values())
     return InferenceReport(
         seconds_per_image=seconds,
@@ -281,7 +290,7 @@ def benchmark_inference(
 
 
 def benchmark_training(
-    model: GeneralizedRCNN,
+    model: MetaArchitecture,
     batches: Iterable[list[dict[str, Any]]],
     optimizer: torch.optim.Optimizer,
     *,
@@ -333,7 +342,7 @@ def benchmark_training(
             if step >= warmup:
                 seconds.append(time.perf_counter() - start)
                 sizes.append(len(batch))
-    stage_seconds = _stage_means(times, STAGES + TRAINING_STAGES, repeat)
+    stage_seconds = _stage_means(times, model_stages(model) + TRAINING_STAGES, repeat)
     stage_seconds["other"] = statistics.fmean(seconds) - sum(stage_seconds.values())
     return TrainingReport(
         seconds_per_step=seconds,
@@ -387,9 +396,9 @@ def flop_count_analysis(module: nn.Module, inputs: tuple[Any, ...]) -> FlopCount
 
 
 class _TracedDetector(nn.Module):
-    """detector(image [3, H, W]) -> the detections' fields as tensors (boxes [R, 4],
-    scores [R], classes [R], masks [R, height, width]), for tracing; the other keys of the
-    input dict (height, width, precomputed proposals) are fixed."""
+    """detector(image [3, H, W]) -> the fields of its output Instances as tensors (e.g. boxes
+    [R, 4], scores [R], classes [R], masks [R, height, width]), for tracing; the other keys of
+    the input dict (height, width, precomputed proposals) are fixed."""
 
     def __init__(self, detector: nn.Module, template: dict[str, Any]) -> None:
         super().__init__()
@@ -397,7 +406,8 @@ class _TracedDetector(nn.Module):
         self.template = {k: v for k, v in template.items() if k not in ("image", "instances")}
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        (result,) = self.detector([{**self.template, "image": image}])
+        (output,) = self.detector([{**self.template, "image": image}])
+        (result,) = output.values()
         return tuple(v.tensor if isinstance(v, Boxes) else v for v in result.fields().values())
 
 
@@ -452,7 +462,7 @@ class FlopReport:
         return "\n".join(lines)
 
 
-def count_flops(model: GeneralizedRCNN, inputs: Sequence[dict[str, Any]]) -> FlopReport:
+def count_flops(model: MetaArchitecture, inputs: Sequence[dict[str, Any]]) -> FlopReport:
     """FLOPs of `model`'s inference per image, averaged over `inputs` (each traced alone, in
     evaluation mode). See the module docstring for what is counted.
 

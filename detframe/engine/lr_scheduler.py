@@ -43,11 +43,20 @@ declare(
     "learning-rate schedule after the warmup",
     choices=("WarmupMultiStepLR", "WarmupCosineLR"),
 )
-declare("SOLVER.STEPS", list[int], [60000, 80000], "iterations at which the learning rate drops")
-declare("SOLVER.GAMMA", float, 0.1, "factor the learning rate is multiplied by at each step")
-declare("SOLVER.BASE_LR_END", float, 0.0, "learning rate at the end of WarmupCosineLR")
-declare("SOLVER.WARMUP_ITERS", int, 1000, "iterations of learning-rate warmup")
-declare("SOLVER.WARMUP_FACTOR", float, 0.001, "learning-rate factor at the start of the warmup")
+declare(
+    "SOLVER.STEPS", list[int], [60000, 80000], "iterations at which the learning rate drops", min=1
+)
+declare("SOLVER.GAMMA", float, 0.1, "factor the learning rate is multiplied by at each step", min=0)
+declare("SOLVER.BASE_LR_END", float, 0.0, "learning rate at the end of WarmupCosineLR", min=0)
+declare("SOLVER.WARMUP_ITERS", int, 1000, "iterations of learning-rate warmup", min=0)
+declare(
+    "SOLVER.WARMUP_FACTOR",
+    float,
+    0.001,
+    "learning-rate factor at the start of the warmup",
+    min=0,
+    max=1,
+)
 declare(
     "SOLVER.WARMUP_METHOD",
     str,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,8 +26,6 @@ from torch import nn
 
 from detframe.config import ConfigError, declare
 
-from .train_loop import GradientClipper
-
 __all__ = [
     "build_grad_clipper",
     "build_optimizer",
@@ -35,18 +33,36 @@ __all__ = [
     "parse_lr_multipliers",
 ]
 
+# Called with the parameters that have gradients, after backward (and unscaling).
+GradientClipper = Callable[[Iterable[nn.Parameter]], Any]
+
 declare("SOLVER.OPTIMIZER", str, "SGD", "optimizer of the weights", choices=("SGD", "AdamW"))
-declare("SOLVER.BASE_LR", float, 0.02, "learning rate at IMS_PER_BATCH images per iteration")
-declare("SOLVER.MOMENTUM", float, 0.9, "SGD momentum")
+declare("SOLVER.BASE_LR", float, 0.02, "learning rate at IMS_PER_BATCH images per iteration", min=0)
+declare("SOLVER.MOMENTUM", float, 0.9, "SGD momentum", min=0)
 declare("SOLVER.NESTEROV", bool, False, "SGD with Nesterov momentum")
-declare("SOLVER.ADAMW_BETAS", list[float], [0.9, 0.999], "AdamW's (beta1, beta2)")
-declare("SOLVER.WEIGHT_DECAY", float, 1e-4, "weight decay of weights")
-declare("SOLVER.WEIGHT_DECAY_NORM", float, 0.0, "weight decay of normalisation layers' parameters")
+declare(
+    "SOLVER.ADAMW_BETAS",
+    list[float],
+    [0.9, 0.999],
+    "AdamW's (beta1, beta2)",
+    min=0,
+    max=1,
+    max_exclusive=True,
+)
+declare("SOLVER.WEIGHT_DECAY", float, 1e-4, "weight decay of weights", min=0)
+declare(
+    "SOLVER.WEIGHT_DECAY_NORM",
+    float,
+    0.0,
+    "weight decay of normalisation layers' parameters",
+    min=0,
+)
 declare(
     "SOLVER.WEIGHT_DECAY_BIAS",
     float | None,
     None,
     "weight decay of biases (outside norm layers); null: SOLVER.WEIGHT_DECAY",
+    min=0,
 )
 declare(
     "SOLVER.LR_MULTIPLIERS",
@@ -63,7 +79,14 @@ declare(
     choices=("norm", "value"),
 )
 declare("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", float, 1.0, "largest gradient norm, or absolute value")
-declare("SOLVER.CLIP_GRADIENTS.NORM_TYPE", float, 2.0, "p of the p-norm clipped by 'norm'")
+declare(
+    "SOLVER.CLIP_GRADIENTS.NORM_TYPE",
+    float,
+    2.0,
+    "p of the p-norm clipped by 'norm'",
+    min=0,
+    min_exclusive=True,
+)
 
 _NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,

@@ -1,17 +1,23 @@
 """Trainer: the standard training run of a config, assembled from its parts.
 
+    from detframe.engine import Trainer, default_setup, load_config
+
     cfg = default_setup(load_config("configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml"))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     results = trainer.train()          # {"bbox": {"AP": ...}, "segm": {...}} on rank 0
 
-What it builds (each in one overridable classmethod): the model (`build_model`, with
-MODEL.WEIGHTS), the optimizer (`build_optimizer`, SOLVER.*), the training data
-(`build_train_loader`: DATASETS.TRAIN through a training DatasetMapper), the learning-rate
-schedule, the checkpointer, and the hooks: step time and memory, the schedule, evaluation
-every TEST.EVAL_PERIOD iterations and at the end (`test`: every dataset of DATASETS.TEST with
-its evaluator), checkpoints every SOLVER.CHECKPOINT_PERIOD iterations, and metrics written
-every LOG_PERIOD iterations to the console, OUTPUT_DIR/metrics.jsonl and TensorBoard.
+What it builds (each in one overridable classmethod, each part chosen by name in the config
+from its registry): the model (`build_model`: MODEL.META_ARCHITECTURE, with MODEL.WEIGHTS),
+the optimizer (`build_optimizer`, SOLVER.*), the training data (`build_train_loader`:
+DATASETS.TRAIN through the mapper DATALOADER.MAPPER), the step (`build_step`:
+SOLVER.TRAIN_STEP, e.g. `SimpleStep`), the learning-rate schedule, the checkpointer, and the
+hooks: step time and memory, the schedule, evaluation every TEST.EVAL_PERIOD iterations and
+at the end (`test`: every dataset of DATASETS.TEST through `build_test_loader`, evaluated by
+`build_evaluator`: TEST.EVALUATOR, e.g. COCOEvaluator for detectors, ProposalEvaluator for
+proposal networks), checkpoints every SOLVER.CHECKPOINT_PERIOD iterations, and metrics
+written every LOG_PERIOD iterations to the console, OUTPUT_DIR/metrics.jsonl and
+TensorBoard.
 
 Distributed runs: the model is wrapped in DistributedDataParallel; SOLVER.IMS_PER_BATCH is
 the total number of images per iteration summed over all processes (each takes
@@ -24,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +42,16 @@ from torch.nn.parallel import DistributedDataParallel
 from detframe.config import declare
 from detframe.data import (
     DATASETS,
-    DatasetMapper,
     TrainLoader,
     build_test_loader,
     build_train_loader_from_config,
     register_from_config,
 )
-from detframe.evaluation import COCOEvaluator, inference_on_dataset
+from detframe.data.catalog import check_num_classes
+from detframe.evaluation import inference_on_dataset
+from detframe.evaluation.inference import Evaluator
 from detframe.modeling import build_model
+from detframe.registry import EVALUATOR_REGISTRY, MAPPER_REGISTRY, TRAIN_STEP_REGISTRY, build
 from detframe.utils.comm import (
     get_local_rank,
     get_rank,
@@ -55,8 +63,8 @@ from detframe.utils.comm import (
 from .checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from .hooks import EvalHook, LRScheduler, PeriodicCheckpointer, StepMonitor
 from .lr_scheduler import build_lr_scheduler
-from .optimizer import build_grad_clipper, build_optimizer
-from .train_loop import HookBase, SimpleTrainer
+from .optimizer import build_optimizer
+from .train_loop import HookBase, TrainerBase, TrainStep
 from .writers import PeriodicWriter, default_writers
 
 __all__ = ["RESULTS_FILE_NAME", "Trainer", "load_datasets"]
@@ -65,18 +73,34 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE_NAME = "results.json"
 
-declare("SOLVER.CHECKPOINT_PERIOD", int, 5000, "iterations between checkpoints")
-declare("SOLVER.CHECKPOINTS_TO_KEEP", int, 3, "periodic checkpoints kept (model_final.pth too)")
+declare("SOLVER.CHECKPOINT_PERIOD", int, 5000, "iterations between checkpoints", min=1)
+declare(
+    "SOLVER.CHECKPOINTS_TO_KEEP", int, 3, "periodic checkpoints kept (model_final.pth too)", min=1
+)
 declare(
     "SOLVER.AMP.ENABLED",
     bool,
     False,
     "mixed precision: bfloat16 autocast on the CPU, float16 with loss scaling on CUDA",
 )
-declare("TEST.EVAL_PERIOD", int, 0, "iterations between evaluations; 0: only after training")
+declare("TEST.EVAL_PERIOD", int, 0, "iterations between evaluations; 0: only after training", min=0)
+declare(
+    "SOLVER.TRAIN_STEP",
+    str,
+    "SimpleStep",
+    "name in TRAIN_STEP_REGISTRY: what one training iteration does",
+)
+declare(
+    "TEST.EVALUATOR",
+    str,
+    "COCOEvaluator",
+    "name in EVALUATOR_REGISTRY: COCOEvaluator (detections), ProposalEvaluator (proposals)",
+)
 declare("TEST.VALIDATION_LOSS", bool, False, "also compute the losses on DATASETS.TEST")
-declare("TEST.IMS_PER_BATCH", int, 1, "images per inference batch, per process")
-declare("LOG_PERIOD", int, 20, "iterations between metric lines, metrics.jsonl and TensorBoard")
+declare("TEST.IMS_PER_BATCH", int, 1, "images per inference batch, per process", min=1)
+declare(
+    "LOG_PERIOD", int, 20, "iterations between metric lines, metrics.jsonl and TensorBoard", min=1
+)
 
 
 def load_datasets(names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -97,7 +121,7 @@ def load_datasets(names: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     return datasets
 
 
-class Trainer(SimpleTrainer):
+class Trainer(TrainerBase):
     """The standard training run of `cfg` (see the module docstring).
 
     Args:
@@ -106,22 +130,23 @@ class Trainer(SimpleTrainer):
 
     def __init__(self, cfg: DictConfig) -> None:
         register_from_config(cfg)
-        model = self.build_model(cfg)
+        check_num_classes(
+            cfg.MODEL.ROI_HEADS.NUM_CLASSES, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
+        )
+        model = self.build_model(cfg, strict_weights=False)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        super().__init__(
-            self._data_parallel(model),
-            data_loader,
-            optimizer,
-            grad_clipper=build_grad_clipper(cfg),
-            amp=cfg.SOLVER.AMP.ENABLED,
-        )
+        parallel_model = self._data_parallel(model)
+        super().__init__(self.build_step(cfg, parallel_model, data_loader, optimizer))
+        self.model = parallel_model
         self.cfg = cfg
+        self.optimizer = optimizer
         self.data_loader: TrainLoader = data_loader
         self.scheduler = build_lr_scheduler(cfg, optimizer)
         checkpointables: dict[str, Any] = {"optimizer": optimizer, "scheduler": self.scheduler}
-        if self.grad_scaler is not None:
-            checkpointables["grad_scaler"] = self.grad_scaler
+        grad_scaler = getattr(self.step, "grad_scaler", None)
+        if grad_scaler is not None:
+            checkpointables["grad_scaler"] = grad_scaler
         self.checkpointer = Checkpointer(
             model, cfg.OUTPUT_DIR, save_to_disk=is_main_process(), **checkpointables
         )
@@ -142,13 +167,19 @@ class Trainer(SimpleTrainer):
         )
 
     def resume_or_load(self, resume: bool = True) -> None:
-        """With `resume` and a checkpoint in OUTPUT_DIR, continues from it exactly: weights,
-        optimizer, schedule, iteration, random states and data position. Otherwise training
-        starts at iteration 0 from the weights `build_model` loaded (MODEL.WEIGHTS)."""
-        if not (resume and self.checkpointer.has_checkpoint()):
+        """With `resume`, continues the run in OUTPUT_DIR exactly from its newest readable
+        checkpoint: weights, optimizer, schedule, iteration, random states and data position
+        (see `Checkpointer.load_for_resume`: an OUTPUT_DIR holding a run but no readable
+        checkpoint is a `ResumeError`, never a restart). Otherwise, and in an OUTPUT_DIR
+        without a run, training starts at iteration 0 from the weights `build_model` loaded
+        (MODEL.WEIGHTS). Temporary files of interrupted checkpoint writes are removed."""
+        self.checkpointer.remove_stale_temporaries()
+        state = self.checkpointer.load_for_resume() if resume else None
+        if state is None:
+            if resume:
+                logger.info("No run to resume in %s: starting at iteration 0", self.cfg.OUTPUT_DIR)
             self.start_iter = 0
             return
-        state = self.checkpointer.load_for_resume()
         self.start_iter = int(state["iteration"]) + 1
         ranks = state["ranks"]
         if len(ranks) == get_world_size():
@@ -216,9 +247,10 @@ class Trainer(SimpleTrainer):
         return self.eval_hook.latest if self.eval_hook is not None else {}
 
     @classmethod
-    def build_model(cls, cfg: DictConfig) -> nn.Module:
-        """`detframe.modeling.build_model` (MODEL.WEIGHTS loaded), logged."""
-        model = build_model(cfg)
+    def build_model(cls, cfg: DictConfig, strict_weights: bool = True) -> nn.Module:
+        """`detframe.modeling.build_model` (MODEL.WEIGHTS loaded: strictly, as a model to
+        evaluate, or not, to initialise training), logged."""
+        model = build_model(cfg, strict_weights=strict_weights)
         parameters = sum(p.numel() for p in model.parameters())
         logger.info("Model %s with %.2fM parameters", type(model).__name__, parameters / 1e6)
         return model
@@ -228,31 +260,55 @@ class Trainer(SimpleTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
+    def build_step(
+        cls,
+        cfg: DictConfig,
+        model: nn.Module,
+        data_loader: TrainLoader,
+        optimizer: torch.optim.Optimizer,
+    ) -> TrainStep:
+        """SOLVER.TRAIN_STEP from TRAIN_STEP_REGISTRY, given the parts it drives."""
+        return build(TRAIN_STEP_REGISTRY, cfg.SOLVER.TRAIN_STEP, cfg, model, data_loader, optimizer)
+
+    @classmethod
+    def build_mapper(cls, cfg: DictConfig, is_train: bool, **overrides: Any) -> Any:
+        """DATALOADER.MAPPER from MAPPER_REGISTRY, in its training or test form;
+        `overrides` replace keyword arguments of its `from_config(cfg, is_train)`."""
+        return build(MAPPER_REGISTRY, cfg.DATALOADER.MAPPER, cfg, is_train, **overrides)
+
+    @classmethod
     def build_train_loader(cls, cfg: DictConfig) -> TrainLoader:
-        """DATASETS.TRAIN (concatenated) through a training DatasetMapper."""
+        """DATASETS.TRAIN (concatenated) through the training mapper."""
         datasets = load_datasets(list(cfg.DATASETS.TRAIN))
         dicts = [record for records in datasets.values() for record in records]
-        mapper = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True))
-        return build_train_loader_from_config(cfg, dicts, mapper)
+        return build_train_loader_from_config(cfg, dicts, cls.build_mapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(
+        cls, cfg: DictConfig, dataset_name: str, dicts: Sequence[dict[str, Any]]
+    ) -> Iterable[list[dict[str, Any]]]:
+        """The dicts of the test dataset `dataset_name` through the test mapper, in batches
+        of TEST.IMS_PER_BATCH, this rank's share; bad images follow DATALOADER.ON_BAD_DATA
+        (skipped ones are counted and logged). With TEST.VALIDATION_LOSS the mapper is given
+        instances_in_eval=True, to keep the targets."""
+        keep_targets = {"instances_in_eval": True} if cfg.TEST.VALIDATION_LOSS else {}
+        mapper = cls.build_mapper(cfg, is_train=False, **keep_targets)
+        return build_test_loader(
+            dicts,
+            mapper,
+            cfg.DATALOADER.NUM_WORKERS,
+            cfg.TEST.IMS_PER_BATCH,
+            on_bad=cfg.DATALOADER.ON_BAD_DATA,
+            dataset_name=dataset_name,
+        )
 
     @classmethod
     def build_evaluator(
         cls, cfg: DictConfig, dataset_name: str, output_dir: str | None = None
-    ) -> COCOEvaluator:
-        """COCO box (and, with MODEL.MASK_ON, mask) AP on the dataset's ground truth."""
-        metadata = DATASETS.metadata(dataset_name)
-        if metadata.get("evaluator_type") != "coco":
-            raise ValueError(
-                f"dataset {dataset_name!r} has evaluator type {metadata.get('evaluator_type')!r}"
-                "; override Trainer.build_evaluator to evaluate it"
-            )
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return COCOEvaluator(
-            metadata["json_file"],
-            tasks=tasks,
-            contiguous_to_dataset_id=metadata["contiguous_id_to_dataset_id"],
-            output_dir=output_dir,
-        )
+    ) -> Evaluator:
+        """TEST.EVALUATOR from EVALUATOR_REGISTRY for the dataset (its catalog metadata)."""
+        metadata = {"name": dataset_name, **DATASETS.metadata(dataset_name)}
+        return build(EVALUATOR_REGISTRY, cfg.TEST.EVALUATOR, cfg, metadata, output_dir)
 
     @classmethod
     def test(cls, cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
@@ -262,16 +318,10 @@ class Trainer(SimpleTrainer):
         OUTPUT_DIR/inference/<dataset>/results.json."""
         register_from_config(cfg)
         datasets = load_datasets(list(cfg.DATASETS.TEST))
-        mapper = DatasetMapper(
-            **DatasetMapper.from_config(cfg, is_train=False),
-            instances_in_eval=cfg.TEST.VALIDATION_LOSS,
-        )
         results: dict[str, Any] = {}
         for name, dicts in datasets.items():
             output_dir = Path(cfg.OUTPUT_DIR) / "inference" / name
-            loader = build_test_loader(
-                dicts, mapper, cfg.DATALOADER.NUM_WORKERS, cfg.TEST.IMS_PER_BATCH
-            )
+            loader = cls.build_test_loader(cfg, name, dicts)
             evaluator_dir = str(output_dir) if is_main_process() else None
             evaluator = cls.build_evaluator(cfg, name, evaluator_dir)
             results[name] = inference_on_dataset(

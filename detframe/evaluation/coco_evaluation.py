@@ -3,10 +3,11 @@
 Shapes: N detections of one image of size (H, W).
 
     inputs[i]                  {"image_id": int, ...}          the dataset dict of image i
-    outputs[i].pred_boxes      Boxes[N]  XYXY, in original image coordinates (pixels)
-    outputs[i].scores          Tensor[N] float
-    outputs[i].pred_classes    Tensor[N] int, contiguous class index 0..K-1
-    outputs[i].pred_masks      BitMasks[N] or bool Tensor[N, H, W] (needed for "segm")
+    outputs[i]                 {"instances": Instances}         the model's output of image i
+    instances.pred_boxes       Boxes[N]  XYXY, in original image coordinates (pixels)
+    instances.scores           Tensor[N] float
+    instances.pred_classes     Tensor[N] int, contiguous class index 0..K-1
+    instances.pred_masks       BitMasks[N] or bool Tensor[N, H, W] (needed for "segm")
 
 Conventions:
 
@@ -17,7 +18,8 @@ Conventions:
   without their boxes (areas and boxes come from the masks), as detectron2 does.
 - Only the images that were processed are evaluated (`COCOeval.params.imgIds`).
 - Metrics are percentages, as in detectron2; a metric pycocotools cannot compute (-1, e.g. APl
-  when there are no large objects) is NaN.
+  when there are no large objects) is NaN. When the evaluated images have no annotations at
+  all (a split without ground truth), every metric is NaN and a warning says so.
 - Under torch.distributed every rank processes its share of images; `evaluate` gathers the
   predictions to rank 0, which evaluates (and writes the results file); other ranks return {}.
 """
@@ -30,7 +32,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pycocotools.coco import COCO
@@ -93,6 +95,17 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return results
 
 
+def _ground_truth_file(metadata: Mapping[str, Any], evaluator: str) -> str:
+    """The COCO json of a dataset's metadata; ValueError naming the dataset without one."""
+    json_file = metadata.get("json_file")
+    if not json_file:
+        raise ValueError(
+            f"{evaluator} needs COCO ground truth, but dataset {metadata.get('name', '?')!r} "
+            "has no json_file in its metadata; choose another TEST.EVALUATOR"
+        )
+    return str(json_file)
+
+
 @EVALUATOR_REGISTRY.register()
 class COCOEvaluator:
     """COCO AP / AR of detections ("bbox") and instance masks ("segm") with pycocotools.
@@ -125,6 +138,7 @@ class COCOEvaluator:
         if unknown or not tasks:
             raise ValueError(f"COCOEvaluator tasks must be 'bbox' and/or 'segm', got {tasks!r}")
         self.coco_gt = load_coco(ground_truth)
+        self.source = "the ground truth" if isinstance(ground_truth, COCO) else str(ground_truth)
         self.tasks = tuple(tasks)
         category_ids = sorted(self.coco_gt.getCatIds())
         if contiguous_to_dataset_id is None:
@@ -140,25 +154,52 @@ class COCOEvaluator:
         self.summary = ""
         self._predictions: list[dict[str, Any]] = []
 
+    @classmethod
+    def from_config(
+        cls, cfg: Any, metadata: Mapping[str, Any], output_dir: str | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments for a dataset: its metadata's "json_file" and
+        "contiguous_id_to_dataset_id"; "bbox", and "segm" with MODEL.MASK_ON.
+
+        Raises:
+            ValueError: the metadata has no "json_file" (no COCO ground truth).
+        """
+        return {
+            "ground_truth": _ground_truth_file(metadata, cls.__name__),
+            "tasks": ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
+            "contiguous_to_dataset_id": metadata.get("contiguous_id_to_dataset_id"),
+            "output_dir": output_dir,
+        }
+
     def reset(self) -> None:
         """Forgets the processed predictions (call before a new evaluation)."""
         self._predictions = []
         self.summary = ""
 
-    def process(self, inputs: Sequence[dict[str, Any]], outputs: Sequence[Instances]) -> None:
+    def process(
+        self, inputs: Sequence[dict[str, Any]], outputs: Sequence[Mapping[str, Instances]]
+    ) -> None:
         """Converts one batch of detections to COCO results and keeps them (on the CPU).
 
         Args:
             inputs: per image, a dict with "image_id".
-            outputs: per image, Instances with pred_boxes, scores, pred_classes and, for
-                "segm", pred_masks (see the module docstring).
+            outputs: per image, {"instances": Instances} with pred_boxes, scores,
+                pred_classes and, for "segm", pred_masks (see the module docstring).
 
         Raises:
-            ValueError: "segm" is evaluated but an image with detections has no pred_masks.
+            ValueError: an output without "instances" (e.g. a proposal network's: evaluate
+                it with ProposalEvaluator), or "segm" is evaluated but an image with
+                detections has no pred_masks.
             KeyError: a class index has no entry in `contiguous_to_dataset_id`.
         """
-        for input_dict, instances in zip(inputs, outputs, strict=True):
+        for input_dict, output in zip(inputs, outputs, strict=True):
             image_id = int(input_dict["image_id"])
+            if "instances" not in output:
+                raise ValueError(
+                    f"COCOEvaluator needs detections {{'instances': ...}}; the output of image "
+                    f"{image_id} has {sorted(output)} (for proposals, use ProposalEvaluator)"
+                )
+            instances = output["instances"]
             self._predictions.append(
                 {"image_id": image_id, "results": self._to_coco_results(image_id, instances)}
             )
@@ -227,10 +268,20 @@ class COCOEvaluator:
     ) -> tuple[dict[str, float], str]:
         """The metrics of one task and its printed report."""
         categories = self.coco_gt.loadCats(sorted(self.coco_gt.getCatIds()))
+        undefined = {
+            name: math.nan
+            for name in [*COCO_METRIC_NAMES, *(f"AP-{c['name']}" for c in categories)]
+        }
         if not image_ids:
             logger.warning("COCOEvaluator: no images were processed; %s metrics are NaN", task)
-            names = [*COCO_METRIC_NAMES, *(f"AP-{c['name']}" for c in categories)]
-            return {name: math.nan for name in names}, f"{task}: no images were processed"
+            return undefined, f"{task}: no images were processed"
+        if not self.coco_gt.getAnnIds(imgIds=image_ids):
+            message = (
+                f"{task}: {self.source} has no annotations for the {len(image_ids)} evaluated "
+                "images, so AP and AR are undefined (NaN): evaluate on a split with annotations"
+            )
+            logger.warning("COCOEvaluator: %s", message)
+            return undefined, message
         # "bbox" is evaluated on boxes with box areas, "segm" on masks with mask areas.
         dropped = "segmentation" if task == "bbox" else "bbox"
         task_results = [{k: v for k, v in r.items() if k != dropped} for r in results]

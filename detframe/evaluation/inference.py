@@ -4,10 +4,14 @@ Shapes: B images per batch.
 
     data_loader        iterable of batches: list[dict] of B dataset dicts ("image", "image_id",
                        and "instances" when validation losses are computed)
-    model(batch)       list[Instances] of B detections (evaluation mode)
-    model.detect_and_compute_losses(batch)
-                       (list[Instances] of B detections, {loss name: scalar Tensor}), used when
+    model(batch)       B output dicts, {"instances": Instances} from a detector or
+                       {"proposals": Instances} from a proposal network (evaluation mode)
+    model.outputs_and_losses(batch)
+                       (B output dicts, {loss name: scalar Tensor}), used when
                        validation_loss=True (one pass gives both)
+
+This is the meta-architecture protocol (`detframe.modeling.MetaArchitecture`); nothing else
+of the model is used, and the evaluator decides which output key it reads.
 
 Conventions:
 
@@ -52,7 +56,9 @@ class Evaluator(Protocol):
     """The evaluator protocol of detframe.evaluation (COCOEvaluator, ProposalEvaluator)."""
 
     def reset(self) -> None: ...
-    def process(self, inputs: Sequence[dict[str, Any]], outputs: Sequence[Any]) -> None: ...
+    def process(
+        self, inputs: Sequence[dict[str, Any]], outputs: Sequence[dict[str, Any]]
+    ) -> None: ...
     def evaluate(self) -> dict[str, dict[str, float]]: ...
 
 
@@ -95,11 +101,11 @@ def inference_on_dataset(
     """Runs `model` over `data_loader`, feeds the detections to `evaluator`, and evaluates.
 
     Args:
-        model: a detector; `model(batch)` returns one Instances per image in evaluation mode,
-            and with validation_loss=True `model.detect_and_compute_losses(batch)` returns
-            (detections, {name: scalar Tensor}).
+        model: a meta-architecture; `model(batch)` returns one output dict per image in
+            evaluation mode, and with validation_loss=True `model.outputs_and_losses(batch)`
+            returns (outputs, {name: scalar Tensor}).
         data_loader: batches (lists) of dataset dicts; this rank's shard of the dataset.
-        evaluator: reset() here, process(batch, detections) per batch, then evaluate().
+        evaluator: reset() here, process(batch, outputs) per batch, then evaluate().
         progress: show a tqdm bar (images, images/s) on the main process.
         validation_loss: also compute the mean losses (the inputs need "instances").
 
@@ -133,7 +139,7 @@ def inference_on_dataset(
             _synchronize()
             start = time.perf_counter()
             if validation_loss:
-                outputs, losses = model.detect_and_compute_losses(inputs)
+                outputs, losses = model.outputs_and_losses(inputs)
             else:
                 outputs = model([{k: v for k, v in x.items() if k != "instances"} for x in inputs])
             _synchronize()

@@ -3,9 +3,10 @@
 Shapes: P proposals and G non-crowd ground-truth instances of one image of size (H, W).
 
     inputs[i]                    {"image_id": int, ...}
-    outputs[i].proposal_boxes    Boxes[P]  XYXY, in original image coordinates (pixels)
-    outputs[i].objectness_logits Tensor[P]  proposals are ranked by it, highest first
-    outputs[i].proposal_masks    BitMasks[P] or bool Tensor[P, H, W] (for "segm_proposals")
+    outputs[i]                   {"proposals": Instances} (a proposal network's output)
+    proposals.proposal_boxes     Boxes[P]  XYXY, in original image coordinates (pixels)
+    proposals.objectness_logits  Tensor[P]  proposals are ranked by it, highest first
+    proposals.proposal_masks     BitMasks[P] or bool Tensor[P, H, W] (for "segm_proposals")
 
 The metric is the one of the DeepMask / SharpMask papers and detectron2's
 `_evaluate_box_proposals`. For every image, limit L and COCO area range (on the ground truth's
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pycocotools.mask as mask_util
@@ -46,7 +47,7 @@ from detframe.structures import (
 )
 from detframe.utils.comm import gather_to_main_process
 
-from .coco_evaluation import load_coco
+from .coco_evaluation import _ground_truth_file, load_coco
 
 __all__ = ["AREA_RANGES", "IOU_THRESHOLDS", "ProposalEvaluator", "greedy_matched_ious"]
 
@@ -114,18 +115,37 @@ class ProposalEvaluator:
         self.limits = tuple(int(limit) for limit in limits)
         self._predictions: list[dict[str, Any]] = []
 
+    @classmethod
+    def from_config(
+        cls, cfg: Any, metadata: Mapping[str, Any], output_dir: str | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments for a dataset: its metadata's "json_file", box proposals at the
+        default limits; `cfg` and `output_dir` are not needed."""
+        del cfg, output_dir
+        return {"ground_truth": _ground_truth_file(metadata, cls.__name__)}
+
     def reset(self) -> None:
         """Forgets the processed proposals (call before a new evaluation)."""
         self._predictions = []
 
-    def process(self, inputs: Sequence[dict[str, Any]], outputs: Sequence[Instances]) -> None:
+    def process(
+        self, inputs: Sequence[dict[str, Any]], outputs: Sequence[Mapping[str, Instances]]
+    ) -> None:
         """Keeps the top `max(limits)` proposals of every image (on the CPU; masks as RLEs).
 
         Raises:
-            ValueError: "segm_proposals" is evaluated but an image has no proposal_masks.
+            ValueError: an output without "proposals" (a detector's: evaluate it with
+                COCOEvaluator), or "segm_proposals" is evaluated but an image has no
+                proposal_masks.
         """
-        for input_dict, instances in zip(inputs, outputs, strict=True):
+        for input_dict, output in zip(inputs, outputs, strict=True):
             image_id = int(input_dict["image_id"])
+            if "proposals" not in output:
+                raise ValueError(
+                    f"ProposalEvaluator needs proposals {{'proposals': ...}}; the output of "
+                    f"image {image_id} has {sorted(output)} (for detections, use COCOEvaluator)"
+                )
+            instances = output["proposals"]
             order = torch.argsort(instances.objectness_logits.detach().cpu(), descending=True)
             order = order[: max(self.limits)]
             prediction: dict[str, Any] = {

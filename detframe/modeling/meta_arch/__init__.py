@@ -1,5 +1,9 @@
-"""Meta-architectures: whole detectors, registered in META_ARCH_REGISTRY."""
+"""Meta-architectures: whole models, registered in META_ARCH_REGISTRY.
 
-from .rcnn import GeneralizedRCNN
+Every one derives from `MetaArchitecture` (the input and output protocol, see `base.py`).
+"""
 
-__all__ = ["GeneralizedRCNN"]
+from .base import MetaArchitecture
+from .rcnn import GeneralizedRCNN, ProposalNetwork
+
+__all__ = ["GeneralizedRCNN", "MetaArchitecture", "ProposalNetwork"]

@@ -2,18 +2,18 @@
 
 Every generator is called as
 
-    proposals, losses = generator(images, features, gt_instances, precomputed)
+    proposals, losses = generator(images, features, gt_instances, **extra)
 
 - images: ImageList (the padded batch, with each image's size);
 - features: dict[str, Tensor] of backbone maps [N, C, H_l, W_l];
 - gt_instances: list[Instances] with gt_boxes, or None (no losses then);
-- precomputed: list[Instances] with proposal_boxes and objectness_logits, the proposals that
-  came with the inputs, or None;
+- extra: for each name in the generator's class attribute `INPUT_KEYS` (default none), that
+  field of every input (list[Instances]), handed over by the meta-architecture;
 
 and returns N Instances with proposal_boxes (Boxes) and objectness_logits, highest first,
 and a dict of scalar losses (empty when there are none). `RPN` computes proposals from the
-features and ignores `precomputed`; `PrecomputedProposals` (Fast R-CNN) passes `precomputed`
-on, truncated, and needs it.
+features; `PrecomputedProposals` (Fast R-CNN, INPUT_KEYS = ("proposals",)) passes the inputs'
+proposals on, truncated.
 """
 
 from .build import build_proposal_generator

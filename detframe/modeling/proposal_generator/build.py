@@ -27,7 +27,8 @@ def build_proposal_generator(cfg: DictConfig, input_shape: dict[str, ShapeSpec])
         input_shape: the backbone's output shapes by feature name.
 
     Returns:
-        A module called as `generator(images, features, gt_instances, precomputed)` that
-        returns (proposals: list[Instances], losses: dict[str, Tensor]); see `rpn.py`.
+        A module called as `generator(images, features, gt_instances, **extra)` that
+        returns (proposals: list[Instances], losses: dict[str, Tensor]); see this package's
+        docstring.
     """
     return build(PROPOSAL_GENERATOR_REGISTRY, cfg.MODEL.PROPOSAL_GENERATOR.NAME, cfg, input_shape)

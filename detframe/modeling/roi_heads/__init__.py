@@ -1,23 +1,34 @@
 """ROI heads: pooled proposal features -> detections, masks and their losses.
 
 `build_roi_heads(cfg, input_shape)` builds MODEL.ROI_HEADS.NAME from ROI_HEADS_REGISTRY;
-`StandardROIHeads` composes a box head (ROI_BOX_HEAD_REGISTRY, e.g. `FastRCNNConvFCHead`),
-`FastRCNNOutputLayers` and an optional mask head (ROI_MASK_HEAD_REGISTRY, e.g.
-`MaskRCNNConvUpsampleHead`).
+`ROIHeads` is the base (matching, sampling, the forward protocol); `StandardROIHeads`
+composes a pooler (POOLER_REGISTRY), a box head (ROI_BOX_HEAD_REGISTRY, e.g.
+`FastRCNNConvFCHead`), a box predictor (BOX_PREDICTOR_REGISTRY, e.g. `FastRCNNOutputLayers`)
+and an optional mask branch (ROI_MASK_HEAD_REGISTRY, e.g. `MaskRCNNConvUpsampleHead`).
 """
 
 from .box_head import FastRCNNConvFCHead
-from .fast_rcnn import FastRCNNOutputLayers
+from .fast_rcnn import FastRCNNOutputLayers, foreground_mask
 from .mask_head import MaskRCNNConvUpsampleHead, mask_rcnn_inference, mask_rcnn_loss, mask_targets
-from .roi_heads import StandardROIHeads, build_roi_heads
+from .roi_heads import (
+    ROIHeads,
+    StandardROIHeads,
+    build_roi_heads,
+    build_roi_pooler,
+    select_foreground_proposals,
+)
 
 __all__ = [
     "FastRCNNConvFCHead",
     "FastRCNNOutputLayers",
     "MaskRCNNConvUpsampleHead",
+    "ROIHeads",
     "StandardROIHeads",
     "build_roi_heads",
+    "build_roi_pooler",
+    "foreground_mask",
     "mask_rcnn_inference",
     "mask_rcnn_loss",
     "mask_targets",
+    "select_foreground_proposals",
 ]

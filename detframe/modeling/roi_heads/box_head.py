@@ -28,10 +28,10 @@ from detframe.registry import ROI_BOX_HEAD_REGISTRY
 
 __all__ = ["FastRCNNConvFCHead"]
 
-declare("MODEL.ROI_BOX_HEAD.NUM_CONV", int, 0, "3x3 conv layers of FastRCNNConvFCHead")
-declare("MODEL.ROI_BOX_HEAD.CONV_DIM", int, 256, "output channels of each box-head conv")
-declare("MODEL.ROI_BOX_HEAD.NUM_FC", int, 2, "fully connected layers of FastRCNNConvFCHead")
-declare("MODEL.ROI_BOX_HEAD.FC_DIM", int, 1024, "output size of each box-head fc layer")
+declare("MODEL.ROI_BOX_HEAD.NUM_CONV", int, 0, "3x3 conv layers of FastRCNNConvFCHead", min=0)
+declare("MODEL.ROI_BOX_HEAD.CONV_DIM", int, 256, "output channels of each box-head conv", min=1)
+declare("MODEL.ROI_BOX_HEAD.NUM_FC", int, 2, "fully connected layers of FastRCNNConvFCHead", min=0)
+declare("MODEL.ROI_BOX_HEAD.FC_DIM", int, 1024, "output size of each box-head fc layer", min=1)
 declare(
     "MODEL.ROI_BOX_HEAD.NORM",
     str,

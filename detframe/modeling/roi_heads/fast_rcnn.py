@@ -30,24 +30,28 @@ from torchvision.ops import batched_nms
 
 from detframe.config import declare
 from detframe.layers.losses import giou_loss, smooth_l1_loss
+from detframe.registry import BOX_PREDICTOR_REGISTRY
 from detframe.structures import Boxes, Instances
 from detframe.utils.comm import average_over_ranks
 
 from ..box_coder import Box2BoxTransform
 
-__all__ = ["FastRCNNOutputLayers"]
+__all__ = ["FastRCNNOutputLayers", "foreground_mask"]
 
 declare(
     "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS",
     list[float],
     [10.0, 10.0, 5.0, 5.0],
     "weights (wx, wy, ww, wh) of the ROI box deltas",
+    min=0,
+    min_exclusive=True,
 )
 declare(
     "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA",
     float,
     0.0,
     "beta of the ROI box smooth-L1 loss; 0 is L1 (torchvision: 1/9)",
+    min=0,
 )
 declare(
     "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE",
@@ -67,22 +71,36 @@ declare(
     float,
     0.05,
     "detections need a class score > this",
+    min=0,
+    max=1,
 )
 declare(
     "MODEL.ROI_HEADS.NMS_THRESH_TEST",
     float,
     0.5,
     "IoU threshold of the per-class NMS of detections",
+    min=0,
+    max=1,
 )
-declare("MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", int, 100, "detections kept per image, by score")
+declare(
+    "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", int, 100, "detections kept per image, by score", min=0
+)
 declare(
     "MODEL.ROI_HEADS.MIN_SIZE_TEST",
     float,
     0.0,
     "detections need width and height >= this (after clipping); 0 keeps all (torchvision: 0.01)",
+    min=0,
 )
 
 
+def foreground_mask(gt_classes: Tensor, num_classes: int) -> Tensor:
+    """[R] bool: which ROIs are labelled with a foreground class, in [0, K) (K is the
+    background, -1 ignored)."""
+    return (gt_classes >= 0) & (gt_classes < num_classes)
+
+
+@BOX_PREDICTOR_REGISTRY.register()
 class FastRCNNOutputLayers(nn.Module):
     """Two linear layers: `cls_score` (K + 1 logits, background last) and `bbox_pred`.
 
@@ -189,7 +207,7 @@ class FastRCNNOutputLayers(nn.Module):
         normalizer = average_over_ranks(count) if self.training else count.clamp(min=1)
         loss_cls = F.cross_entropy(scores, gt_classes, reduction="sum") / normalizer
 
-        fg = torch.nonzero((gt_classes >= 0) & (gt_classes < self.num_classes)).squeeze(1)
+        fg = torch.nonzero(foreground_mask(gt_classes, self.num_classes)).squeeze(1)
         if self.cls_agnostic_bbox_reg:
             fg_deltas = deltas[fg]
         else:

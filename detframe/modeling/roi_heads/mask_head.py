@@ -46,8 +46,10 @@ __all__ = [
     "mask_targets",
 ]
 
-declare("MODEL.ROI_MASK_HEAD.NUM_CONV", int, 4, "3x3 conv layers of the mask head")
-declare("MODEL.ROI_MASK_HEAD.CONV_DIM", int, 256, "channels of the mask-head convs and deconv")
+declare("MODEL.ROI_MASK_HEAD.NUM_CONV", int, 4, "3x3 conv layers of the mask head", min=0)
+declare(
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", int, 256, "channels of the mask-head convs and deconv", min=1
+)
 declare(
     "MODEL.ROI_MASK_HEAD.NORM",
     str,
