@@ -32,6 +32,10 @@ from detframe.modeling import (
 )
 from detframe.modeling.checkpoint_io import read_state_dict
 
+QUICKSTART = (
+    Path(__file__).resolve().parents[1] / "configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml"
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 TV_MASK_CONFIG = ROOT / "configs" / "torchvision" / "maskrcnn_resnet50_fpn.yaml"
 
@@ -233,6 +237,20 @@ def test_detframe_checkpoints_round_trip(model, tmp_path) -> None:
     report = load_weights(model, str(path))
     assert report.format == "detframe"
     assert report.missing == report.unexpected == report.mismatched == []
+
+
+def test_a_trained_batch_norm_model_round_trips_without_a_warning(tmp_path, caplog) -> None:
+    # The quickstart's BN layers keep num_batches_tracked counters: bookkeeping, not weights.
+    cfg = load_config(QUICKSTART, ["MODEL.DEVICE=cpu"])
+    model = build_model(cfg)
+    assert any(k.endswith("num_batches_tracked") for k in model.state_dict())
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict()}, path)
+    with caplog.at_level(logging.INFO, logger="detframe.modeling.weights"):
+        report = load_weights(build_model(cfg), str(path))
+    assert report.missing == report.unexpected == report.mismatched == []
+    assert report.loaded == report.total > 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 class _Payload:

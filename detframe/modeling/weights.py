@@ -303,7 +303,9 @@ def load_weights(model: nn.Module, path_or_url: str, *, strict: bool = True) -> 
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
 
+    # BatchNorm's step counters are bookkeeping, not weights: neither loaded nor reported.
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     if kind == "torchvision_classifier":
         # Only the modules that take it, which the conversion checked are all in the file,
         # and all of those must load; the rest of the model keeps its initialisation.
