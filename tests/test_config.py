@@ -263,6 +263,157 @@ def test_list_of_lists_type_name_and_schema_row(isolated: None) -> None:
     assert '| `TEST.B` | `list[list[str]]` | `[["p2"], ["p3", "p4"]]` |' in table
 
 
+# --- mappings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("type_", "text", "expected"),
+    [
+        (
+            dict[str, float],
+            "{backbone.bottom_up: 0.1, head: 2, 'a b': 1e-3}",
+            {"backbone.bottom_up": 0.1, "head": 2.0, "a b": 0.001},
+        ),
+        (dict[str, int], "{res4: 3, '0': -1}", {"res4": 3, "0": -1}),
+        (dict[str, str], "{res4: p4, res5: '5'}", {"res4": "p4", "res5": "5"}),
+        (dict[str, bool], "{frozen: true, head: false}", {"frozen": True, "head": False}),
+        (dict[str, float] | None, "null", None),
+        (dict[str, float], "{}", {}),
+    ],
+)
+def test_mapping_in_file_and_override(
+    isolated: None, tmp_path: Path, type_: Any, text: str, expected: Any
+) -> None:
+    declare("TEST.MAP", type_, {}, "a mapping for this test")
+    flow = load_config(write(tmp_path, f"TEST:\n  MAP: {text}\n")).TEST.MAP
+    block_text = "".join(f"\n    {k!r}: {v!r}" for k, v in (expected or {}).items())
+    block = load_config(write(tmp_path, f"TEST:\n  MAP: {block_text or text}\n", "block.yaml"))
+    override = load_config(write(tmp_path, "", "empty.yaml"), [f"TEST.MAP={text}"])
+    for value in (flow, block.TEST.MAP, override.TEST.MAP):
+        value = OmegaConf.to_container(value) if OmegaConf.is_dict(value) else value
+        assert value == expected
+        if expected:
+            assert [type(v) for v in value.values()] == [type(v) for v in expected.values()]
+
+
+def test_a_mapping_replaces_the_earlier_one_whole(isolated: None, tmp_path: Path) -> None:
+    declare("TEST.MAP", dict[str, float], {"default": 1.0}, "a mapping for this test")
+    write(tmp_path, "TEST:\n  MAP: {a: 1, b.c: 2}\n", "base.yaml")
+    path = write(tmp_path, "_BASE_: base.yaml\nTEST:\n  MAP:\n    b.c: 3\n")
+    assert load_config(path).TEST.MAP == {"b.c": 3.0}  # "a" is not merged in
+    assert load_config(path, ["TEST.MAP={d: 4}"]).TEST.MAP == {"d": 4.0}
+    assert load_config(path, ["TEST.MAP={d: 4}", "TEST={MAP: {}}"]).TEST.MAP == {}
+    assert load_config(write(tmp_path, "", "empty.yaml")).TEST.MAP == {"default": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.5", "expected dict[str, float], got float 0.5"),
+        ("[backbone=0.5]", "expected dict[str, float], got list ['backbone=0.5']"),
+        ("backbone=0.5", "expected dict[str, float], got str 'backbone=0.5'"),
+        ("null", "expected dict[str, float], got null"),
+        ("{head: 1, backbone: fast}", "entry 'backbone': expected float, got str 'fast'"),
+        ("{backbone: true}", "entry 'backbone': expected float, got bool True"),
+        ("{backbone: null}", "entry 'backbone': expected float, got null"),
+        ("{backbone: [0.5]}", "entry 'backbone': expected float, got list [0.5]"),
+        ("{backbone: {res2: 0.5}}", "entry 'backbone': expected float, got dict {'res2': 0.5}"),
+        ("{0: 0.5}", "entry 0: expected a str name, got int 0"),
+        ("{backbone: -0.5}", "entry 'backbone': -0.5 is out of range: must be in [0, inf)"),
+        ("{backbone: .inf}", "entry 'backbone': inf is out of range: must be in [0, inf)"),
+        ("{backbone: .nan}", "entry 'backbone': nan is out of range: must be in [0, inf)"),
+    ],
+)
+def test_mapping_errors_name_key_and_entry(
+    isolated: None, tmp_path: Path, text: str, expected: str
+) -> None:
+    declare(
+        "TEST.MAP",
+        dict[str, float],
+        {},
+        "factors for this test",
+        min=0,
+        max=float("inf"),
+        max_exclusive=True,
+    )
+    path = write(tmp_path, f"TEST:\n  MAP: {text}\n")
+    assert error_of(path) == f"{path}: TEST.MAP: {expected}"
+    assert error_of(write(tmp_path, "", "empty.yaml"), (f"TEST.MAP={text}",)) == (
+        f"command line: TEST.MAP: {expected}"
+    )
+
+
+def test_mapping_choices_and_range_apply_to_each_value(isolated: None) -> None:
+    declare("TEST.NAMES", dict[str, str], {}, "names for this test", choices=("p4", "p5"))
+    declare("TEST.FRACTIONS", dict[str, float], {}, "fractions for this test", min=0, max=1)
+    cfg = load_config(EXPERIMENT, ["TEST.NAMES={res4: p4, res5: p5}", "TEST.FRACTIONS={a: 1}"])
+    assert cfg.TEST.NAMES == {"res4": "p4", "res5": "p5"} and cfg.TEST.FRACTIONS == {"a": 1.0}
+    assert error_of(EXPERIMENT, ("TEST.NAMES={res4: p4, res5: p6}",)) == (
+        "command line: TEST.NAMES: entry 'res5': 'p6' is not one of the allowed values: 'p4', 'p5'"
+    )
+    assert error_of(EXPERIMENT, ("TEST.FRACTIONS={a: 0.5, b.c: 1.5}",)) == (
+        "command line: TEST.FRACTIONS: entry 'b.c': 1.5 is out of range: must be in [0, 1]"
+    )
+
+
+def test_an_entry_given_as_a_dotted_key_is_an_error(isolated: None, tmp_path: Path) -> None:
+    declare("TEST.MAP", dict[str, float], {}, "a mapping for this test")
+    expected = (
+        "unknown key TEST.MAP.backbone: TEST.MAP is a key of type dict[str, float], not a"
+        " section; set its whole value"
+    )
+    assert error_of(EXPERIMENT, ("TEST.MAP.backbone=0.5",)) == f"command line: {expected}"
+    path = write(tmp_path, "TEST:\n  MAP.backbone: 0.5\n")
+    assert error_of(path) == f"{path}: {expected}"
+
+
+def test_interpolation_in_a_mapping_or_nested_list_is_rejected(isolated: None) -> None:
+    declare("TEST.MAP", dict[str, str], {}, "a mapping for this test")
+    declare("TEST.NESTED", list[list[str]], [], "a nested list for this test")
+    for override in ("TEST.MAP={a: '${SEED}'}", "TEST.NESTED=[[a], ['${SEED}']]"):
+        key = override.partition("=")[0]
+        assert error_of(EXPERIMENT, (override,)) == (
+            f"command line: {key}: interpolation (${{...}}) is not supported"
+        )
+
+
+def test_mapping_type_name_and_schema_row(isolated: None) -> None:
+    declare("TEST.A", dict[str, int] | None, None, "a mapping of ints for this test")
+    declare("TEST.B", dict[str, float], {"backbone.res2": 0.1}, "factors for this test", min=0)
+    assert type_name(SCHEMA["TEST.A"].type) == "dict[str, int] | None"
+    assert type_name(dict[str, float]) == "dict[str, float]"
+    table = SCHEMA.markdown()
+    assert (
+        "| `TEST.A` | `dict[str, int] \\| None` | `null` | a mapping of ints for this test |"
+        in table
+    )
+    assert (
+        '| `TEST.B` | `dict[str, float]` | `{"backbone.res2": 0.1}` | factors for this test'
+        " (range: >= 0) |" in table
+    )
+
+
+def test_mapping_key_declared_by_an_imported_module(
+    isolated: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapping key that only exists once IMPORTS ran is still taken whole, not opened."""
+    write(
+        tmp_path,
+        "from detframe.config import declare\n\n"
+        'declare("MODEL.MAPPING_PLUGIN.FACTORS", dict[str, float], {}, "factors for this test")\n',
+        "mapping_plugin.py",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(
+        tmp_path,
+        "IMPORTS: [mapping_plugin]\nMODEL:\n  MAPPING_PLUGIN:\n    FACTORS:\n      head.cls: 2\n",
+    )
+    try:
+        assert load_config(path).MODEL.MAPPING_PLUGIN.FACTORS == {"head.cls": 2.0}
+    finally:
+        sys.modules.pop("mapping_plugin", None)
+
+
 # --- value ranges ------------------------------------------------------------------------
 
 OUT_OF_RANGE = [
@@ -421,6 +572,30 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert "MAX_ITER: 200" in format_config(cfg)
 
 
+def test_save_and_load_round_trip_of_mappings(isolated: None, tmp_path: Path) -> None:
+    declare("TEST.FACTORS", dict[str, float], {"head": 1.0}, "factors for this test")
+    declare("TEST.NAMES", dict[str, str] | None, None, "names for this test")
+    # Entry names that YAML would read as other things unless quoted, and dotted ones.
+    factors = "{backbone.bottom_up: 0.1, '0': 2, '1e-3': 3, 'null': 4, 'true': 5, 'a b': 6}"
+    overrides = [f"TEST.FACTORS={factors}", "TEST.NAMES={'007': '1e-3', x.y: 'null'}"]
+    cfg = load_config(EXPERIMENT, overrides)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert OmegaConf.to_container(again.TEST.FACTORS) == {
+        "backbone.bottom_up": 0.1,
+        "0": 2.0,
+        "1e-3": 3.0,
+        "null": 4.0,
+        "true": 5.0,
+        "a b": 6.0,
+    }
+    assert OmegaConf.to_container(again.TEST.NAMES) == {"007": "1e-3", "x.y": "null"}
+    empty = load_config(EXPERIMENT, ["TEST.FACTORS={}"])
+    save_config(empty, tmp_path / "empty" / "config.yaml")
+    assert load_config(tmp_path / "empty" / "config.yaml").TEST.FACTORS == {}
+
+
 # --- IMPORTS and user modules ----------------------------------------------------------
 
 
@@ -474,6 +649,13 @@ def test_identical_redeclaration_is_allowed_a_different_one_is_not(isolated: Non
         (("TEST.X", dict, {}, "help"), {}, "unsupported type"),
         (("TEST.X", list[list[list[int]]], [], "help"), {}, "unsupported type"),
         (("TEST.X", list[dict], [], "help"), {}, "unsupported type"),
+        (("TEST.X", dict[int, float], {}, "help"), {}, "unsupported type"),
+        (("TEST.X", dict[str, list[int]], {}, "help"), {}, "unsupported type"),
+        (("TEST.X", dict[str, dict[str, int]], {}, "help"), {}, "unsupported type"),
+        (("TEST.X", list[dict[str, int]], [], "help"), {}, "unsupported type"),
+        (("TEST.X", dict[str, int], {"a": "1"}, "help"), {}, "entry 'a': expected int"),
+        (("TEST.X", dict[str, int], {"a": 0}, "help"), {"min": 1}, "entry 'a': 0 is out of"),
+        (("TEST.X", dict[str, str], {}, "help"), {"min": 1}, r"not dict\[str, str\]"),
         (("TEST.X", list[list[int]], [1], "help"), {}, r"element \[0\]: expected list\[int\]"),
         (("TEST.X", int, 0, "help"), {"min": 1}, "default 0 is invalid: 0 is out of range"),
         (("TEST.X", list[int], [2, 0], "help"), {"min": 1}, r"element \[1\]: 0 is out of range"),

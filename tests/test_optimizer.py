@@ -11,17 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import detframe.engine  # noqa: F401  (declares the SOLVER keys)
 from detframe.config import ConfigError
-from detframe.engine.optimizer import (
-    build_grad_clipper,
-    build_optimizer,
-    param_groups,
-    parse_lr_multipliers,
-)
+from detframe.engine.optimizer import build_grad_clipper, build_optimizer, param_groups
 from detframe.engine.setup import load_config
 
 BASE_LR = 0.1
@@ -235,38 +230,74 @@ def test_prefix_naming_only_frozen_parameters_raises() -> None:
     assert found[id(model.frozen.bias)] == [(pytest.approx(0.05), WD)]
 
 
-# --- parse_lr_multipliers ----------------------------------------------------------------
+# --- SOLVER.LR_MULTIPLIERS: a mapping checked by the config schema ----------------------
 
 
-def test_parse_lr_multipliers_good_items() -> None:
-    items = ["backbone.bottom_up=0.1", " roi_heads = 2 ", "rpn=0", "head.cls=1e-3"]
-    assert parse_lr_multipliers(items) == {
-        "backbone.bottom_up": 0.1,
-        "roi_heads": 2.0,
-        "rpn": 0.0,
-        "head.cls": 0.001,
-    }
-    assert parse_lr_multipliers([]) == {}
+def multipliers_of(cfg: DictConfig) -> dict:
+    """The loaded mapping as a plain dict; the factors' types are checked too."""
+    value = OmegaConf.to_container(cfg.SOLVER.LR_MULTIPLIERS)
+    assert all(type(v) is float for v in value.values())
+    return value
+
+
+def test_lr_multipliers_default_to_empty(tmp_path: Path) -> None:
+    assert multipliers_of(write_config(tmp_path)) == {}
+
+
+def test_lr_multipliers_from_a_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "SOLVER:\n"
+        "  LR_MULTIPLIERS:\n"
+        "    backbone.bottom_up: 0.1\n"
+        "    roi_heads: 2\n"
+        "    rpn: 0\n"
+        "    head.cls: 1e-3\n"
+    )
+    expected = {"backbone.bottom_up": 0.1, "roi_heads": 2.0, "rpn": 0.0, "head.cls": 0.001}
+    assert multipliers_of(load_config(path)) == expected
+
+
+def test_lr_multipliers_from_the_command_line_replace_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("SOLVER:\n  LR_MULTIPLIERS: {backbone: 0.5, head: 2}\n")
+    override = "SOLVER.LR_MULTIPLIERS={backbone.bottom_up: 0.1, roi_heads: 2}"
+    cfg = load_config(path, [override])
+    assert multipliers_of(cfg) == {"backbone.bottom_up": 0.1, "roi_heads": 2.0}
+    assert multipliers_of(load_config(path, ["SOLVER.LR_MULTIPLIERS={}"])) == {}
 
 
 @pytest.mark.parametrize(
-    "item",
-    ["backbone0.1", "backbone", "=0.1", "  =0.1", "backbone=fast", "backbone=", "backbone=-0.1"],
+    ("text", "expected"),
+    [
+        # A NaN factor would make every lr of that module NaN (and the weights NaN after one
+        # step); an infinite one likewise.
+        ("{head: 2, backbone: -0.1}", "entry 'backbone': -0.1 is out of range"),
+        ("{backbone: .inf}", "entry 'backbone': inf is out of range"),
+        ("{backbone: .nan}", "entry 'backbone': nan is out of range"),
+        ("{backbone: fast}", "entry 'backbone': expected float, got str 'fast'"),
+        ("{backbone: '0.1'}", "entry 'backbone': expected float, got str '0.1'"),
+        ("{backbone: true}", "entry 'backbone': expected float, got bool True"),
+        ("{backbone: null}", "entry 'backbone': expected float, got null"),
+        ("[backbone=0.1]", "expected dict[str, float], got list ['backbone=0.1']"),
+        ("backbone=0.1", "expected dict[str, float], got str 'backbone=0.1'"),
+        ("0.1", "expected dict[str, float], got float 0.1"),
+    ],
 )
-def test_parse_lr_multipliers_malformed_items(item: str) -> None:
+def test_bad_lr_multipliers_are_config_errors(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_lr_multipliers(["head=2", item])
-    assert repr(item) in str(info.value)
-    assert "SOLVER.LR_MULTIPLIERS" in str(info.value)
+        write_config(tmp_path, [f"SOLVER.LR_MULTIPLIERS={text}"])
+    assert str(info.value).startswith(f"command line: SOLVER.LR_MULTIPLIERS: {expected}")
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"SOLVER:\n  LR_MULTIPLIERS: {text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: SOLVER.LR_MULTIPLIERS: {expected}")
 
 
-@pytest.mark.parametrize("item", ["backbone=nan", "backbone=inf"])
-def test_parse_lr_multipliers_rejects_non_finite_factors(item: str) -> None:
-    # float("nan") parses and `nan < 0` is False, so a NaN factor would silently make every
-    # lr of that module NaN (and the weights NaN after one step); same for an infinite lr.
-    with pytest.raises(ConfigError) as info:
-        parse_lr_multipliers([item])
-    assert repr(item) in str(info.value)
+def test_out_of_range_message_states_the_range(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"must be in \[0, inf\)$"):
+        write_config(tmp_path, ["SOLVER.LR_MULTIPLIERS={backbone: .inf}"])
 
 
 # --- build_optimizer ---------------------------------------------------------------------
@@ -300,7 +331,7 @@ def test_build_sgd_from_config(tmp_path: Path) -> None:
             "SOLVER.WEIGHT_DECAY=1e-3",
             "SOLVER.WEIGHT_DECAY_NORM=1e-5",
             "SOLVER.WEIGHT_DECAY_BIAS=5e-4",
-            "SOLVER.LR_MULTIPLIERS=[backbone=0.5]",
+            "SOLVER.LR_MULTIPLIERS={backbone: 0.5}",
         ],
     )
     model = Small()
@@ -325,7 +356,7 @@ def test_build_adamw_from_config(tmp_path: Path) -> None:
             "SOLVER.ADAMW_BETAS=[0.8,0.99]",
             "SOLVER.WEIGHT_DECAY=0.05",
             "SOLVER.WEIGHT_DECAY_NORM=0.0",
-            "SOLVER.LR_MULTIPLIERS=[backbone=0.5]",
+            "SOLVER.LR_MULTIPLIERS={backbone: 0.5}",
         ],
     )
     model = Small()
@@ -348,9 +379,28 @@ def test_adamw_betas_of_wrong_length(tmp_path: Path, betas: str) -> None:
         build_optimizer(cfg, Small())
 
 
-def test_malformed_lr_multiplier_in_config(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, ["SOLVER.LR_MULTIPLIERS=[backbone:0.5]"])
-    with pytest.raises(ConfigError, match=r"'backbone:0\.5'"):
+def test_dotted_lr_multiplier_prefix_from_a_file_reaches_one_parameter(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"SOLVER:\n  BASE_LR: {BASE_LR}\n  LR_MULTIPLIERS:\n    backbone.weight: 0.5\n    head: 2\n"
+    )
+    model = Small()
+    opt = build_optimizer(load_config(path), model)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    expected = {
+        "backbone.weight": 0.05,
+        "backbone.bias": 0.1,
+        "bn.weight": 0.1,
+        "bn.bias": 0.1,
+        "head.weight": 0.2,
+        "head.bias": 0.2,
+    }
+    assert {n: lr_of[id(p)] for n, p in model.named_parameters()} == pytest.approx(expected)
+
+
+def test_lr_multiplier_naming_no_parameter_of_the_model(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, ["SOLVER.LR_MULTIPLIERS={backbone.bottom_up: 0.1}"])
+    with pytest.raises(ValueError, match=r"'backbone\.bottom_up' names no trainable parameter"):
         build_optimizer(cfg, Small())
 
 
@@ -362,7 +412,7 @@ def test_one_sgd_step_applies_each_groups_lr_and_decay(tmp_path: Path) -> None:
             "SOLVER.WEIGHT_DECAY=0.3",
             "SOLVER.WEIGHT_DECAY_NORM=0.1",
             "SOLVER.WEIGHT_DECAY_BIAS=0.2",
-            "SOLVER.LR_MULTIPLIERS=[head=0.5]",
+            "SOLVER.LR_MULTIPLIERS={head: 0.5}",
         ],
     )
     model = Small()

@@ -4,14 +4,17 @@
 
 1. read `path` and, recursively, the file named by its `_BASE_` (relative to the file that
    names it); a base is applied first and the file that names it wins, so the layers are
-   defaults < deepest base < ... < `path` < command-line `KEY=VALUE` overrides. Mappings
-   merge key by key; any other value (a list included) replaces the earlier one;
+   defaults < deepest base < ... < `path` < command-line `KEY=VALUE` overrides (each one a
+   layer, in order). Sections merge key by key; a key's value replaces the earlier one as a
+   whole, be it a list or the mapping of a `dict[str, T]` key (its entries are not merged);
 2. import the modules listed in the effective `IMPORTS` (so they can register components
    and declare keys);
-3. validate every layer against `SCHEMA` as declared at that moment: an unknown key, a wrong
-   type, a value outside the declared choices or range, or a required key left unset is a
-   `ConfigError` naming the file (or "command line"), the key, the value and, for unknown
-   keys, the closest declared key;
+3. flatten every layer into declared keys (a section's mapping is opened, a declared key's
+   value is taken whole, dots in its entries' names included) and validate it against
+   `SCHEMA` as declared at that moment: an unknown key, a wrong type, a value outside the
+   declared choices or range, or a required key left unset is a `ConfigError` naming the
+   file (or "command line"), the key, the value and, for unknown keys, the closest declared
+   key;
 4. return an OmegaConf `DictConfig` with every declared key, read-only and in struct mode.
 
 The config layer imports no component: whoever builds components makes sure their keys are
@@ -30,19 +33,22 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from .schema import REQUIRED, SCHEMA, ConfigError
+from .schema import REQUIRED, SCHEMA, ConfigError, type_name
 
 __all__ = ["format_config", "load_config", "save_config"]
 
 COMMAND_LINE = "command line"
-Layer = tuple[str, dict[str, Any]]  # (source: a file path or COMMAND_LINE, dotted key -> value)
+# (source: a file path or COMMAND_LINE, the values as written: a file's top-level mapping, or
+# {KEY: VALUE} of one override); flattened into declared keys once IMPORTS are imported, so
+# that a key declared by an imported module is known when its layer is flattened.
+Layer = tuple[str, dict[Any, Any]]
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -92,7 +98,12 @@ def _read_text(path: Path, source: str) -> str:
 
 
 def _flatten(tree: dict[Any, Any], source: str, prefix: str = "") -> dict[str, Any]:
-    """{"MODEL": {"DEVICE": "cpu"}} -> {"MODEL.DEVICE": "cpu"}; leaves are declared keys."""
+    """{"MODEL": {"DEVICE": "cpu"}} -> {"MODEL.DEVICE": "cpu"}.
+
+    A mapping is opened unless it is the value of a declared key (a `dict[str, T]`):
+    {"SOLVER": {"LR_MULTIPLIERS": {"backbone.res2": 0.1}}} ->
+    {"SOLVER.LR_MULTIPLIERS": {"backbone.res2": 0.1}}.
+    """
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if not isinstance(key, str):
@@ -129,26 +140,26 @@ def _read_chain(path: Path, named_by: str | None, stack: tuple[Path, ...] = ()) 
         if not isinstance(base, str):
             raise ConfigError(f"{source}: _BASE_ must be a file path, got {base!r}")
         layers = _read_chain(path.parent / base, source, (*stack, real))
-    layers.append((source, _flatten(tree, source)))
+    layers.append((source, tree))
     return layers
 
 
-def _parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """["SOLVER.BASE_LR=0.01", ...] -> {"SOLVER.BASE_LR": 0.01, ...}; values are YAML."""
-    flat: dict[str, Any] = {}
+def _parse_overrides(overrides: Iterable[str]) -> list[Layer]:
+    """["SOLVER.BASE_LR=0.01", ...] -> [(COMMAND_LINE, {"SOLVER.BASE_LR": 0.01}), ...]; the
+    values are YAML."""
+    layers: list[Layer] = []
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"{COMMAND_LINE}: {item!r} is not KEY=VALUE")
-        value = _parse_yaml(text, f"{COMMAND_LINE}: {key}")
-        flat.update(_flatten({key: value}, COMMAND_LINE))
-    return flat
+        layers.append((COMMAND_LINE, {key: _parse_yaml(text, f"{COMMAND_LINE}: {key}")}))
+    return layers
 
 
 def _import_modules(layers: Sequence[Layer]) -> None:
     """Imports the modules of the effective IMPORTS (the last layer that sets it wins)."""
-    setting = [(source, flat["IMPORTS"]) for source, flat in layers if "IMPORTS" in flat]
+    setting = [(source, tree["IMPORTS"]) for source, tree in layers if "IMPORTS" in tree]
     if not setting:
         return
     source, modules = setting[-1]
@@ -161,11 +172,38 @@ def _import_modules(layers: Sequence[Layer]) -> None:
             ) from e
 
 
+def _declared_prefix(name: str) -> str | None:
+    """The declared key that `name` continues, e.g. "SOLVER.LR_MULTIPLIERS" for
+    "SOLVER.LR_MULTIPLIERS.backbone", or None."""
+    head = name.rpartition(".")[0]
+    while head and head not in SCHEMA:
+        head = head.rpartition(".")[0]
+    return head or None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings of a value: itself, the elements of its lists, the values of its mappings."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+
+
 def _check(source: str, name: str, value: Any) -> Any:
     """`value` validated against the declaration of `name`; raises ConfigError."""
     if name not in SCHEMA:
         if SCHEMA.is_section(name):
             raise ConfigError(f"{source}: {name} is a section: give it a mapping of keys")
+        owner = _declared_prefix(name)
+        if owner is not None:
+            raise ConfigError(
+                f"{source}: unknown key {name}: {owner} is a key of type "
+                f"{type_name(SCHEMA[owner].type)}, not a section; set its whole value"
+            )
         message = f"{source}: unknown key {name}"
         close = SCHEMA.closest(name)
         section = name.rpartition(".")[0]
@@ -177,8 +215,7 @@ def _check(source: str, name: str, value: Any) -> Any:
                 " e.g. through IMPORTS?)"
             )
         raise ConfigError(message)
-    strings = value if isinstance(value, list) else [value]
-    if any(isinstance(s, str) and "${" in s for s in strings):
+    if any("${" in s for s in _strings(value)):
         raise ConfigError(f"{source}: {name}: interpolation (${{...}}) is not supported")
     try:
         return SCHEMA[name].check(value)
@@ -203,8 +240,9 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
 
     Args:
         path: a YAML config file.
-        overrides: command-line items such as "SOLVER.BASE_LR=0.01" or "DATASETS.TRAIN=[a,b]";
-            the value is parsed as YAML (null, true, 3, 1e-3, [1, 2], text).
+        overrides: command-line items such as "SOLVER.BASE_LR=0.01", "DATASETS.TRAIN=[a,b]"
+            or "SOLVER.LR_MULTIPLIERS={backbone.bottom_up: 0.1}"; the value is parsed as YAML
+            (null, true, 3, 1e-3, [1, 2], {name: 0.5}, text).
 
     Returns:
         Every declared key with its effective value; read-only, and in struct mode (reading
@@ -215,17 +253,17 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
             an unknown key, a wrong type, a value out of its choices or range, or a required
             key left unset.
     """
-    layers = _read_chain(Path(path), named_by=None)
-    layers.append((COMMAND_LINE, _parse_overrides(overrides)))
+    files = _read_chain(Path(path), named_by=None)
+    layers = [*files, *_parse_overrides(overrides)]
     _import_modules(layers)
     values = {key.name: key.default for key in SCHEMA}
-    for source, flat in layers:
-        for name, value in flat.items():
+    for source, tree in layers:
+        for name, value in _flatten(tree, source).items():
             values[name] = _check(source, name, value)
     missing = [name for name, value in values.items() if value is REQUIRED]
     if missing:
         raise ConfigError(
-            f"{layers[-2][0]}: required key not set: {', '.join(missing)} "
+            f"{files[-1][0]}: required key not set: {', '.join(missing)} "
             "(set it in the file or as KEY=VALUE on the command line)"
         )
     cfg = OmegaConf.create(_nest(values))

@@ -6,17 +6,21 @@
     declare("INPUT.FORMAT", str, "BGR", "channel order of input images", choices=("RGB", "BGR"))
     declare("MODEL.MY_HEAD.ANCHORS", list[int], REQUIRED, "anchor sizes; must be set", min=1)
     declare("MODEL.MY_HEAD.SIZES", list[list[float]], [[32, 40]], "per level", min=1)
+    declare("MODEL.MY_HEAD.WEIGHTS", dict[str, float], {"cls": 1.0}, "loss weight per name", min=0)
 
 A key is a dotted upper-case path; the part before the last dot is its section. The
 supported types are `int`, `float`, `bool`, `str`, `list[T]` and `list[list[T]]` of one of
-those, and any of these `| None` (which allows `null`). An `int` is accepted where a `float`
-is declared and converted; nothing else is converted (a `bool` is not an `int`, `"1"` is not
-a number).
+those, `dict[str, T]` (a mapping from any string, dots included, to a T), and any of these
+`| None` (which allows `null`). An `int` is accepted where a `float` is declared and
+converted; nothing else is converted (a `bool` is not an `int`, `"1"` is not a number, `1`
+is not a string key).
 
 A declaration may restrict the values: `choices` lists the allowed values, and `min` / `max`
 bound a number (inclusive, or exclusive with `min_exclusive` / `max_exclusive`; NaN is outside
-every range). Both apply to each scalar of a list. A value that breaks a declaration is a
-`ConfigError` that names the bad element's position in a list, e.g. "element [1][0]".
+every range, and `max=math.inf, max_exclusive=True` keeps infinity out). Both apply to each
+scalar of a list and to each value of a mapping. A value that breaks a declaration is a
+`ConfigError` that names the bad element's position in a list, e.g. "element [1][0]", or the
+entry of a mapping, e.g. "entry 'backbone'".
 
 All declarations go into one process-wide `Schema`, `SCHEMA`; the loader validates configs
 against it, and `Schema.markdown()` renders it as the table in docs/configs.md. Declaring the
@@ -31,9 +35,9 @@ import json
 import math
 import re
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union, get_args, get_origin
+from typing import Any, NamedTuple, Union, get_args, get_origin
 
 __all__ = ["REQUIRED", "SCHEMA", "ConfigError", "Key", "Schema", "declare", "type_name"]
 
@@ -65,16 +69,27 @@ def _split_optional(type_: Any) -> tuple[Any, bool]:
     return type_, False
 
 
-def _layout(type_: Any) -> tuple[Any, int, bool]:
-    """(scalar, list depth, optional): `list[list[float]] | None` -> (float, 2, True).
+class _Layout(NamedTuple):
+    """A declared type taken apart: `list[list[float]] | None` is (float, 2, False, True)."""
 
-    The scalar is returned as found; `Schema.declare` checks that it is one of `_SCALARS`.
-    """
+    scalar: Any  # as found; `Schema.declare` checks that it is one of `_SCALARS`
+    depth: int  # list nesting: 0 for a scalar or a mapping
+    mapping: bool  # dict[str, scalar]
+    optional: bool  # `| None`
+
+
+def _layout(type_: Any) -> _Layout:
+    """The layout of a declared type; an unsupported type comes back as its own scalar."""
     inner, optional = _split_optional(type_)
+    if get_origin(inner) is dict:
+        args = get_args(inner)
+        if len(args) == 2 and args[0] is str:
+            return _Layout(args[1], 0, True, optional)
+        return _Layout(inner, 0, False, optional)
     depth = 0
     while get_origin(inner) is list and len(get_args(inner)) == 1:
         inner, depth = get_args(inner)[0], depth + 1
-    return inner, depth, optional
+    return _Layout(inner, depth, False, optional)
 
 
 def _list_of(scalar: type, depth: int) -> str:
@@ -83,10 +98,16 @@ def _list_of(scalar: type, depth: int) -> str:
 
 
 def type_name(type_: Any) -> str:
-    """`int`, `list[float]`, `list[list[int]]`, `str | None`: how a declared type is written."""
-    scalar, depth, optional = _layout(type_)
-    name = _list_of(scalar, depth)
+    """`int`, `list[float]`, `list[list[int]]`, `dict[str, float]`, `str | None`: how a
+    declared type is written."""
+    scalar, depth, mapping, optional = _layout(type_)
+    name = f"dict[str, {scalar.__name__}]" if mapping else _list_of(scalar, depth)
     return f"{name} | None" if optional else name
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows what it got: "null", "int 32", "str 'big'"."""
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
 
 
 def _position(index: tuple[int, ...]) -> str:
@@ -95,13 +116,18 @@ def _position(index: tuple[int, ...]) -> str:
     return "element " + "".join(f"[{i}]" for i in index) + ": " if index else ""
 
 
-def _check_scalar(scalar: type, value: Any, index: tuple[int, ...]) -> Any:
-    """`value` as `scalar` (int -> float is the only conversion); raises ConfigError."""
+def _entry(name: Any) -> str:
+    """The prefix of a message about the entry `name` of a mapping: "entry 'backbone': "."""
+    return f"entry {name!r}: "
+
+
+def _check_scalar(scalar: type, value: Any, where: str) -> Any:
+    """`value` as `scalar` (int -> float is the only conversion); raises ConfigError whose
+    message starts with `where` (see `_position`, `_entry`)."""
     if scalar is float and type(value) is int:
         return float(value)
     if type(value) is not scalar:
-        shown = "null" if value is None else f"{type(value).__name__} {value!r}"
-        raise ConfigError(f"{_position(index)}expected {scalar.__name__}, got {shown}")
+        raise ConfigError(f"{where}expected {scalar.__name__}, got {_shown(value)}")
     return value
 
 
@@ -114,8 +140,10 @@ class Key:
         type: the declared type (see the module docstring).
         default: the value when no config sets it, or REQUIRED.
         help: one line for the schema table.
-        choices: the allowed values (of the value, or of each scalar of a list), or None.
-        min, max: bounds of a number (of the value, or of each scalar of a list), or None.
+        choices: the allowed values (of the value, of each scalar of a list, of each value
+            of a mapping), or None.
+        min, max: bounds of a number (of the value, of each scalar of a list, of each value
+            of a mapping), or None.
         min_exclusive, max_exclusive: whether the value may not equal `min` / `max`.
     """
 
@@ -132,34 +160,50 @@ class Key:
     def check(self, value: Any) -> Any:
         """`value` validated (and int converted to float where declared); raises ConfigError.
 
-        The message names the position of a bad element in a list, e.g. "element [1][0]: ...".
+        A list comes back as a list, a mapping as a dict. The message names the position of
+        a bad element in a list, e.g. "element [1][0]: ...", or the entry of a mapping, e.g.
+        "entry 'backbone': ...".
         """
-        scalar, depth, optional = _layout(self.type)
+        scalar, depth, mapping, optional = _layout(self.type)
         if value is None:
             if optional:
                 return None
             raise ConfigError(f"expected {type_name(self.type)}, got null")
+        if mapping:
+            return self._check_mapping(value, scalar)
         return self._check(value, scalar, depth, ())
 
     def _check(self, value: Any, scalar: type, depth: int, index: tuple[int, ...]) -> Any:
         """`value` checked as a `depth`-deep list of `scalar` found at `index`."""
         if depth == 0:
-            return self._check_allowed(_check_scalar(scalar, value, index), index)
+            where = _position(index)
+            return self._check_allowed(_check_scalar(scalar, value, where), where)
         if not isinstance(value, list | tuple):
-            shown = "null" if value is None else f"{type(value).__name__} {value!r}"
             expected = _list_of(scalar, depth)
-            raise ConfigError(f"{_position(index)}expected {expected}, got {shown}")
+            raise ConfigError(f"{_position(index)}expected {expected}, got {_shown(value)}")
         return [self._check(v, scalar, depth - 1, (*index, i)) for i, v in enumerate(value)]
 
-    def _check_allowed(self, value: Any, index: tuple[int, ...]) -> Any:
-        """`value` (a checked scalar) if the choices and the range allow it."""
+    def _check_mapping(self, value: Any, scalar: type) -> dict[str, Any]:
+        """`value` checked as a mapping from strings to `scalar`."""
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"expected {type_name(self.type)}, got {_shown(value)}")
+        checked: dict[str, Any] = {}
+        for name, item in value.items():
+            if type(name) is not str:
+                raise ConfigError(f"{_entry(name)}expected a str name, got {_shown(name)}")
+            checked[name] = self._check_allowed(
+                _check_scalar(scalar, item, _entry(name)), _entry(name)
+            )
+        return checked
+
+    def _check_allowed(self, value: Any, where: str) -> Any:
+        """`value` (a checked scalar) if the choices and the range allow it; a message
+        about it starts with `where`."""
         if self.choices is not None and value not in self.choices:
             allowed = ", ".join(repr(c) for c in self.choices)
-            raise ConfigError(
-                f"{_position(index)}{value!r} is not one of the allowed values: {allowed}"
-            )
+            raise ConfigError(f"{where}{value!r} is not one of the allowed values: {allowed}")
         if not self.in_range(value):
-            raise ConfigError(f"{_position(index)}{value!r} is out of range: must be {self.range}")
+            raise ConfigError(f"{where}{value!r} is out of range: must be {self.range}")
         return value
 
     def in_range(self, number: float) -> bool:
@@ -214,7 +258,7 @@ class Schema:
         Raises:
             ValueError: a malformed declaration, or a clash with an earlier one.
         """
-        scalar, depth, _ = _layout(type)
+        scalar, depth, _, _ = _layout(type)
         if scalar not in _SCALARS or depth > _MAX_LIST_DEPTH:
             raise ValueError(f"{name}: unsupported type {type!r}")
         if not _KEY_PATTERN.match(name):

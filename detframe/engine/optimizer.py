@@ -2,8 +2,9 @@
 
 Parameter groups: every trainable parameter gets
 
-- lr = SOLVER.BASE_LR x the multiplier of the longest SOLVER.LR_MULTIPLIERS prefix of its
-  name (e.g. "backbone.bottom_up=0.1" slows the ResNet down ten times; 1 when none matches);
+- lr = SOLVER.BASE_LR x the factor of the longest SOLVER.LR_MULTIPLIERS prefix (whole dotted
+  parts) of its name (e.g. {backbone.bottom_up: 0.1} slows the ResNet down ten times; 1 when
+  none matches);
 - weight decay = SOLVER.WEIGHT_DECAY_NORM for the parameters of normalisation layers
   (batch, group, layer, instance norm), SOLVER.WEIGHT_DECAY_BIAS for other biases (null: the
   same as SOLVER.WEIGHT_DECAY), SOLVER.WEIGHT_DECAY for the rest;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -26,12 +27,7 @@ from torch import nn
 
 from detframe.config import ConfigError, declare
 
-__all__ = [
-    "build_grad_clipper",
-    "build_optimizer",
-    "param_groups",
-    "parse_lr_multipliers",
-]
+__all__ = ["build_grad_clipper", "build_optimizer", "param_groups"]
 
 # Called with the parameters that have gradients, after backward (and unscaling).
 GradientClipper = Callable[[Iterable[nn.Parameter]], Any]
@@ -66,9 +62,12 @@ declare(
 )
 declare(
     "SOLVER.LR_MULTIPLIERS",
-    list[str],
-    [],
-    "per-module lr factors, 'PREFIX=FACTOR' on parameter names, e.g. 'backbone.bottom_up=0.1'",
+    dict[str, float],
+    {},
+    "lr factor per parameter-name prefix (longest prefix wins), e.g. {backbone: 0.1}",
+    min=0,
+    max=math.inf,
+    max_exclusive=True,
 )
 declare("SOLVER.CLIP_GRADIENTS.ENABLED", bool, False, "clip gradients before each update")
 declare(
@@ -95,27 +94,6 @@ _NORM_TYPES = (
     nn.modules.instancenorm._InstanceNorm,
     nn.LocalResponseNorm,
 )
-
-
-def parse_lr_multipliers(items: Sequence[str]) -> dict[str, float]:
-    """["backbone.bottom_up=0.1", ...] -> {"backbone.bottom_up": 0.1, ...}.
-
-    Raises:
-        ConfigError: an item that is not PREFIX=FACTOR with a finite number >= 0.
-    """
-    multipliers = {}
-    for item in items:
-        prefix, sep, text = item.partition("=")
-        try:
-            factor = float(text)
-        except ValueError:
-            factor = math.nan
-        if not sep or not prefix.strip() or not (math.isfinite(factor) and factor >= 0):
-            raise ConfigError(
-                f"SOLVER.LR_MULTIPLIERS: {item!r} is not 'PREFIX=FACTOR' with a finite factor >= 0"
-            )
-        multipliers[prefix.strip()] = factor
-    return multipliers
 
 
 def _lr_multiplier(name: str, multipliers: Mapping[str, float]) -> float:
@@ -185,7 +163,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay=solver.WEIGHT_DECAY,
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_bias=solver.WEIGHT_DECAY_BIAS,
-        lr_multipliers=parse_lr_multipliers(solver.LR_MULTIPLIERS),
+        lr_multipliers=solver.LR_MULTIPLIERS,
     )
     if solver.OPTIMIZER == "SGD":
         return torch.optim.SGD(
