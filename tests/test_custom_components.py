@@ -149,6 +149,8 @@ def test_a_proposal_network_trains_and_is_evaluated_by_recall(
     overrides = [
         "MODEL.META_ARCHITECTURE=ProposalNetwork",
         "TEST.EVALUATOR=ProposalEvaluator",
+        # A proposal network has no classes: the class count of the ROI heads is not checked.
+        "MODEL.ROI_HEADS.NUM_CLASSES=80",
         "TEST.VALIDATION_LOSS=true",
         "SOLVER.MAX_ITER=2",
     ]

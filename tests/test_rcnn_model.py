@@ -64,8 +64,9 @@ def small_model(*overrides: str) -> GeneralizedRCNN:
 def test_every_shipped_config_builds(config: Path) -> None:
     cfg = load_config(ROOT / "configs" / config, ["MODEL.DEVICE=cpu", "MODEL.WEIGHTS=''"])
     model = build_model(cfg)
-    assert isinstance(model, GeneralizedRCNN)
-    assert (model.roi_heads.mask_head is not None) == cfg.MODEL.MASK_ON
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
+    if isinstance(model, GeneralizedRCNN):
+        assert (model.roi_heads.mask_head is not None) == cfg.MODEL.MASK_ON
 
 
 def test_training_step_on_empty_images_and_unmatched_proposals() -> None:

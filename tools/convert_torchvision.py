@@ -2,9 +2,10 @@
 
     python tools/convert_torchvision.py maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth out.pth
 
-The input is a torchvision `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` (v1) state
-dict, as a local file or a URL (downloaded through torch.hub's cache). The output is
-{"model": state_dict} in detframe's key names, which `MODEL.WEIGHTS=out.pth` loads with
+The input is a torchvision `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` (v1) or
+`retinanet_resnet50_fpn` state dict, as a local file or a URL (downloaded through torch.hub's
+cache). The output is {"model": state_dict} in detframe's key names and class layout (see
+detframe/modeling/weights.py), which `MODEL.WEIGHTS=out.pth` loads with
 configs/torchvision/*.yaml. `MODEL.WEIGHTS` also takes torchvision's files directly and
 converts them as it loads; a converted file only saves doing that each time, and can be
 inspected.

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -51,7 +51,13 @@ from detframe.data.catalog import check_num_classes
 from detframe.evaluation import inference_on_dataset
 from detframe.evaluation.inference import Evaluator
 from detframe.modeling import build_model
-from detframe.registry import EVALUATOR_REGISTRY, MAPPER_REGISTRY, TRAIN_STEP_REGISTRY, build
+from detframe.registry import (
+    EVALUATOR_REGISTRY,
+    MAPPER_REGISTRY,
+    META_ARCH_REGISTRY,
+    TRAIN_STEP_REGISTRY,
+    build,
+)
 from detframe.utils.comm import (
     get_local_rank,
     get_rank,
@@ -130,9 +136,15 @@ class Trainer(TrainerBase):
 
     def __init__(self, cfg: DictConfig) -> None:
         register_from_config(cfg)
-        check_num_classes(
-            cfg.MODEL.ROI_HEADS.NUM_CLASSES, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
-        )
+        # The meta-architecture says which key holds its number of classes (None: none).
+        meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        num_classes_key = getattr(meta_arch, "NUM_CLASSES_KEY", None)
+        if num_classes_key is not None:
+            check_num_classes(
+                OmegaConf.select(cfg, num_classes_key),
+                [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST],
+                key=num_classes_key,
+            )
         model = self.build_model(cfg, strict_weights=False)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)

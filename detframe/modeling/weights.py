@@ -7,8 +7,9 @@ is torchvision's, checks that it fits the model, and loads it:
 - "detframe": a state dict in detframe's names (any other layout is read as this one), also
   wrapped as {"model": ...};
 - "torchvision_detection": torchvision's `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn`
-  (v1 layout; both the key names of its published files and those of its current modules),
-  converted by `convert_torchvision_detection`;
+  (v1 layout) and `retinanet_resnet50_fpn` (v1, and the head of v2 with its GroupNorms; both
+  the key names of the published files and those of the current modules), converted by
+  `convert_torchvision_detection`;
 - "torchvision_classifier": an ImageNet classifier of torchvision (`resnet50-*.pth`,
   `vgg16-*.pth`), taken by the modules of the model that implement `imagenet_key_map`
   (`TakesImageNetWeights` in detframe/modeling/backbone/backbone.py: the ResNet of a
@@ -38,6 +39,12 @@ masks for it too; detframe puts it last and predicts none for it. The conversion
 background logit to the end and drops its box deltas and mask channel, which changes no
 result (softmax does not care about order, and torchvision never uses the background's
 deltas or mask): detframe's class c is torchvision's label c + 1.
+
+torchvision's RetinaNet has sigmoid logits for its K+1 labels, A x (K+1) channels anchor by
+anchor ([A, K+1]); label 0, the background, is never a positive, so its logit only ever
+scores detections of class "background". detframe's RetinaNet has A x K channels ([A, K]):
+the conversion drops channel 0 of every anchor (A is the box regression's channels / 4), and
+detframe's class c is again torchvision's label c + 1.
 """
 
 from __future__ import annotations
@@ -71,9 +78,30 @@ _MIN_LOADED_FRACTION = 0.5
 # Keys named in a message, per list.
 _SHOWN_KEYS = 8
 
-# torchvision detection key -> detframe key. A replacement is a string (re.sub template) or a
-# function of the match. Optional groups cover both the published files' names and today's.
-_TV_DETECTION_RENAMES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
+# A key rename: a pattern and its replacement, a string (re.sub template) or a function of the
+# match.
+_Rename = tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
+
+
+def _retinanet_subnet_renames(theirs: str, ours: str) -> list[_Rename]:
+    """The four convs of torchvision's RetinaNet `{theirs}_head` -> detframe's `{ours}_convs`
+    and `{ours}_norms`: conv.{i}.0 is the conv and conv.{i}.1 the GroupNorm (v2) of today's
+    modules (Conv2dNormActivation); conv.{2i} the conv of the published v1 file's
+    Sequential(conv, ReLU, ...)."""
+    conv = rf"^head\.{theirs}_head\.conv\."
+    return [
+        (re.compile(conv + r"(\d+)\.0\.(weight|bias)$"), rf"head.{ours}_convs.\1.\2"),
+        (re.compile(conv + r"(\d+)\.1\.(weight|bias)$"), rf"head.{ours}_norms.\1.\2"),
+        (
+            re.compile(conv + r"(\d*[02468])\.(weight|bias)$"),
+            lambda m: f"head.{ours}_convs.{int(m[1]) // 2}.{m[2]}",
+        ),
+    ]
+
+
+# torchvision detection key -> detframe key. Optional groups cover both the published files'
+# names and today's.
+_TV_DETECTION_RENAMES: list[_Rename] = [
     (re.compile(r"^backbone\.body\.(.+)$"), r"backbone.bottom_up.\1"),
     (
         re.compile(r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)$"),
@@ -82,6 +110,10 @@ _TV_DETECTION_RENAMES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]
     (
         re.compile(r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)$"),
         r"backbone.output_convs.\1.\2",
+    ),
+    (
+        re.compile(r"^backbone\.fpn\.extra_blocks\.(p6|p7)\.(weight|bias)$"),
+        r"backbone.top_block.\1.\2",
     ),
     (
         re.compile(r"^rpn\.head\.conv\.(?:0\.0\.)?(weight|bias)$"),
@@ -95,6 +127,10 @@ _TV_DETECTION_RENAMES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]
         re.compile(r"^rpn\.head\.bbox_pred\.(weight|bias)$"),
         r"proposal_generator.head.anchor_deltas.\1",
     ),
+    *_retinanet_subnet_renames("classification", "cls"),
+    *_retinanet_subnet_renames("regression", "bbox"),
+    (re.compile(r"^head\.classification_head\.cls_logits\.(weight|bias)$"), r"head.cls_score.\1"),
+    (re.compile(r"^head\.regression_head\.bbox_reg\.(weight|bias)$"), r"head.bbox_pred.\1"),
     (re.compile(r"^roi_heads\.box_head\.fc6\.(weight|bias)$"), r"roi_heads.box_head.fc1.\1"),
     (re.compile(r"^roi_heads\.box_head\.fc7\.(weight|bias)$"), r"roi_heads.box_head.fc2.\1"),
     (
@@ -168,10 +204,12 @@ def state_dict_format(state_dict: Mapping[str, Tensor]) -> str:
 
 
 def convert_torchvision_detection(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """torchvision's Faster / Mask R-CNN R50-FPN v1 state dict -> detframe's key names.
+    """torchvision's Faster / Mask R-CNN R50-FPN v1 or RetinaNet R50-FPN state dict ->
+    detframe's key names, with detframe's class layout (see the module docstring).
 
     Raises:
-        ValueError: keys that belong to no known part of the v1 layout (e.g. a v2 model).
+        ValueError: keys that belong to no known part of these layouts (e.g. a Faster R-CNN
+            v2 model), or a RetinaNet classifier whose channels are not A x (K + 1).
     """
     converted: StateDict = {}
     unknown = []
@@ -188,10 +226,11 @@ def convert_torchvision_detection(state_dict: Mapping[str, Tensor]) -> StateDict
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"not a torchvision Faster/Mask R-CNN v1 state dict: {len(unknown)} unknown keys, "
-            f"e.g. {unknown[:5]}"
+            "not a torchvision Faster/Mask R-CNN v1 or RetinaNet state dict: "
+            f"{len(unknown)} unknown keys, e.g. {unknown[:5]}"
         )
     _move_background_last(converted)
+    _drop_retinanet_background(converted)
     return converted
 
 
@@ -207,6 +246,30 @@ def _move_background_last(sd: StateDict) -> None:
         key = f"roi_heads.mask_head.predictor.{name}"
         if key in sd:
             sd[key] = sd[key][1:]
+
+
+def _drop_retinanet_background(sd: StateDict) -> None:
+    """torchvision RetinaNet's A x (K+1) logits -> detframe's A x K, without label 0 (see the
+    module docstring)."""
+    if "head.cls_score.weight" not in sd:
+        return
+    if "head.bbox_pred.weight" not in sd:
+        raise ValueError(
+            "head.classification_head.cls_logits without head.regression_head.bbox_reg: the "
+            "number of anchors per cell, and so of classes, is unknown"
+        )
+    num_anchors = sd["head.bbox_pred.weight"].size(0) // 4
+    channels = sd["head.cls_score.weight"].size(0)
+    if num_anchors == 0 or channels % num_anchors != 0:
+        raise ValueError(
+            f"head.classification_head.cls_logits has {channels} channels, not a multiple of "
+            f"the {num_anchors} anchors per cell of head.regression_head.bbox_reg "
+            f"({4 * num_anchors} channels / 4)"
+        )
+    for name in ("weight", "bias"):
+        key = f"head.cls_score.{name}"
+        logits = sd[key].unflatten(0, (num_anchors, channels // num_anchors))
+        sd[key] = logits[:, 1:].flatten(0, 1)
 
 
 def _imagenet_parts(model: nn.Module) -> list[tuple[str, ImageNetKeyMap]]:

@@ -5,5 +5,6 @@ Every one derives from `MetaArchitecture` (the input and output protocol, see `b
 
 from .base import MetaArchitecture
 from .rcnn import GeneralizedRCNN, ProposalNetwork
+from .retinanet import RetinaNet, RetinaNetHead
 
-__all__ = ["GeneralizedRCNN", "MetaArchitecture", "ProposalNetwork"]
+__all__ = ["GeneralizedRCNN", "MetaArchitecture", "ProposalNetwork", "RetinaNet", "RetinaNetHead"]

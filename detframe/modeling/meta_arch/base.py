@@ -17,7 +17,9 @@ Protocol, the only thing evaluation, the demo, the benchmark and export rely on:
                                           (N output dicts, or [] in training mode;
                                            losses, or {} when the inputs carry no targets)
 
-`OUTPUT_KEY` is "instances" for a detector (pred_boxes, scores, pred_classes[, pred_masks])
+`NUM_CLASSES_KEY` names the config key of the model's number of classes (checked against the
+datasets by the trainer; None for a model without classes). `OUTPUT_KEY` is "instances" for a
+detector (pred_boxes, scores, pred_classes[, pred_masks])
 and "proposals" for a proposal network (proposal_boxes, objectness_logits[, proposal_masks]),
 as in detectron2; the Instances are rescaled to each input's (height, width). Losses in
 evaluation mode (when targets are given) are the validation losses.
@@ -53,6 +55,9 @@ class MetaArchitecture(nn.Module):
     """
 
     OUTPUT_KEY: ClassVar[str] = "instances"
+    # The config key of the model's number of classes, which the trainer checks against the
+    # datasets' categories; None for a model without classes (a proposal network).
+    NUM_CLASSES_KEY: ClassVar[str | None] = None
 
     def __init__(
         self,

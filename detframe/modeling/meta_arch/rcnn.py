@@ -90,6 +90,8 @@ class GeneralizedRCNN(_ProposalStage):
         pixel_mean, pixel_std: see `MetaArchitecture`.
     """
 
+    NUM_CLASSES_KEY = "MODEL.ROI_HEADS.NUM_CLASSES"
+
     def __init__(
         self,
         *,
