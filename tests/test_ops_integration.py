@@ -208,5 +208,6 @@ def test_layers_exports():
         "ops_backend",
         "roi_align",
         "roi_pool",
+        "sigmoid_focal_loss",
         "smooth_l1_loss",
     }

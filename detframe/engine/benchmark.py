@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from fvcore.nn import FlopCountAnalysis
 
 __all__ = [
+    "POSTPROCESSING",
     "PREPROCESSING",
     "FlopReport",
     "InferenceReport",

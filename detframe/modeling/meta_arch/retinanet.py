@@ -404,7 +404,7 @@ class RetinaNet(MetaArchitecture):
             losses = self.losses(torch.cat(anchors), logits, deltas, gt_classes, gt_boxes)
         if self.training:
             return [], losses
-        return self.inference(anchors, logits, deltas, images.image_sizes), losses
+        return self.decode_detections(anchors, logits, deltas, images.image_sizes), losses
 
     @torch.no_grad()
     def label_anchors(self, anchors: Tensor, targets: Sequence[Instances]) -> tuple[Tensor, Tensor]:
@@ -496,7 +496,7 @@ class RetinaNet(MetaArchitecture):
             "loss_box_reg": box_per_image.sum() / normalizer,
         }
 
-    def inference(
+    def decode_detections(
         self,
         anchors: Sequence[Tensor],
         pred_logits: Sequence[Tensor],
