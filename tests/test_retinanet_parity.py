@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_rcnn_parity import random_image
+from test_rcnn_parity import MAX_SIZE, MEAN, MIN_SIZE, STD, random_image, resize_like_torchvision
 from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.detection import RetinaNet as TVRetinaNet
@@ -38,8 +37,6 @@ from detframe.structures import Boxes, Instances
 CONFIG = (
     Path(__file__).resolve().parents[1] / "configs" / "torchvision" / "retinanet_resnet50_fpn.yaml"
 )
-MIN_SIZE, MAX_SIZE = 224, 352
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def torchvision_model(seed: int = 0) -> nn.Module:
@@ -74,14 +71,6 @@ def detframe_model(tv_model: nn.Module) -> nn.Module:
     model = build_model(load_config(CONFIG, overrides)).double()
     model.load_state_dict(convert_torchvision_detection(tv_model.state_dict()))
     return model
-
-
-def resize_like_torchvision(image: torch.Tensor) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    scale = min(MIN_SIZE / min(h, w), MAX_SIZE / max(h, w))
-    return F.interpolate(
-        image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True
-    )[0]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +35,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from benchmark_common import (
+    compare_detections,
+    measure,
+    print_stages,
+    print_table,
+    resize_like_torchvision,
+    sgd,
+)
 from torch import Tensor, nn
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
@@ -82,15 +89,6 @@ def build_models(seed: int) -> tuple[nn.Module, nn.Module]:
     return tv_model, df_model
 
 
-def resize_like_torchvision(image: Tensor) -> Tensor:
-    """torchvision's GeneralizedRCNNTransform resize of one [3, H, W] image."""
-    h, w = image.shape[-2:]
-    scale = min(MIN_SIZE / min(h, w), MAX_SIZE / max(h, w))
-    return F.interpolate(
-        image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True
-    )[0]
-
-
 def make_sample(g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """An image [3, H, W] in 0..1, boxes [B, 4], torchvision labels [B] (1..90), masks [B, H, W]."""
     image = F.interpolate(torch.rand(1, 3, IMAGE_H // 8, IMAGE_W // 8, generator=g), scale_factor=8)
@@ -107,7 +105,7 @@ def make_sample(g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def detframe_training_input(image: Tensor, boxes: Tensor, labels: Tensor, masks: Tensor) -> dict:
     """What detframe's data pipeline would give for a sample, resized like torchvision."""
-    resized = resize_like_torchvision(image)
+    resized = resize_like_torchvision(image, MIN_SIZE, MAX_SIZE)
     size = tuple(resized.shape[-2:])
     resized_masks = F.interpolate(masks[:, None].float(), size=size)[:, 0].byte()
     ratio = torch.tensor([size[1] / IMAGE_W, size[0] / IMAGE_H] * 2)
@@ -136,28 +134,6 @@ def instrument(tv_model: nn.Module, df_model: nn.Module) -> tuple[StageTimes, St
     return tv_times, df_times
 
 
-def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=1e-4)
-
-
-def measure(
-    runs: dict[str, Callable[[], Any]], repeat: int, stage_times: list[StageTimes]
-) -> dict[str, list[float]]:
-    """Runs each thunk once to warm up, then `repeat` times alternating; returns the times.
-    The stage times count the timed runs only."""
-    for fn in runs.values():
-        fn()
-    for times in stage_times:
-        times.reset()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeat):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 @contextmanager
 def deterministic_sampling() -> Iterator[None]:
     """torch.randperm -> arange, so both models sample the same anchors and RoIs."""
@@ -167,42 +143,6 @@ def deterministic_sampling() -> Iterator[None]:
         yield
     finally:
         torch.randperm = randperm
-
-
-def compare_detections(tv_out: dict[str, Tensor], df_out: Instances) -> str:
-    if len(df_out) != len(tv_out["boxes"]):
-        return f"different counts: detframe {len(df_out)}, torchvision {len(tv_out['boxes'])}"
-    if len(df_out) == 0:
-        return "0 detections in both"
-    box = (df_out.pred_boxes.tensor - tv_out["boxes"]).abs().max().item()
-    score = (df_out.scores - tv_out["scores"]).abs().max().item()
-    labels = bool(torch.equal(df_out.pred_classes + 1, tv_out["labels"]))
-    tv_masks = tv_out["masks"][:, 0] >= 0.5
-    inter = (tv_masks & df_out.pred_masks).flatten(1).sum(1)
-    union = (tv_masks | df_out.pred_masks).flatten(1).sum(1)
-    iou = torch.where(union > 0, inter / union.clamp(min=1), 1.0).min().item()  # empty == empty
-    return (
-        f"{len(df_out)} detections in both; max |box diff| {box:.2e} px, max |score diff| "
-        f"{score:.2e}, same labels: {labels}, min mask IoU {iou:.4f}"
-    )
-
-
-def print_table(rows: list[tuple[str, float, float, float | None]]) -> None:
-    print("| workload | detframe s | torchvision s | ratio | target |")
-    print("|---|---:|---:|---:|---:|")
-    for name, df_s, tv_s, target in rows:
-        target_text = f"<= {target}" if target else ""
-        print(f"| {name} | {df_s:.3f} | {tv_s:.3f} | {df_s / tv_s:.3f} | {target_text} |")
-
-
-def print_stages(title: str, times: StageTimes, total: float, runs: int) -> None:
-    print(f"\n{title} (mean per run over {runs} runs, seconds):")
-    accounted = 0.0
-    for stage, seconds in times.seconds.items():
-        print(f"  {stage:<28} {seconds / runs:7.3f}")
-        accounted += seconds / runs
-    print(f"  {'other':<28} {total - accounted:7.3f}")
-    print(f"  {'total':<28} {total:7.3f}")
 
 
 def main() -> None:
@@ -232,7 +172,7 @@ def main() -> None:
 
     def df_infer() -> None:
         with torch.no_grad():
-            resized = resize_like_torchvision(image)
+            resized = resize_like_torchvision(image, MIN_SIZE, MAX_SIZE)
             x = {"image": resized, "height": IMAGE_H, "width": IMAGE_W}
             outputs["detframe"] = df_model([x])[0]["instances"]
 
