@@ -50,6 +50,17 @@ LOSS_NAMES = {
 }
 
 
+@torch.no_grad()
+def randomise_frozen_bn(model: nn.Module) -> None:
+    """Random frozen-BN statistics and affine parameters, as a trained model has."""
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-0.2, 0.2)
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+
+
 def torchvision_model(mask_on: bool, seed: int = 0) -> nn.Module:
     """torchvision's R50-FPN detector as its COCO checkpoints are built, random weights."""
     torch.manual_seed(seed)
@@ -57,13 +68,8 @@ def torchvision_model(mask_on: bool, seed: int = 0) -> nn.Module:
     cls = MaskRCNN if mask_on else FasterRCNN
     model = cls(backbone, num_classes=91, min_size=MIN_SIZE, max_size=MAX_SIZE)
     overwrite_eps(model, 0.0)
+    randomise_frozen_bn(model)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, FrozenBatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
         model.roi_heads.box_predictor.cls_score.weight.mul_(40.0)
         model.rpn.head.cls_logits.weight.mul_(0.1)
         if mask_on:

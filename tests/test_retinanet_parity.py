@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rcnn_parity import MAX_SIZE, MEAN, MIN_SIZE, STD, random_image, resize_like_torchvision
+from test_rcnn_parity import (
+    MAX_SIZE,
+    MEAN,
+    MIN_SIZE,
+    STD,
+    random_image,
+    randomise_frozen_bn,
+    resize_like_torchvision,
+)
 from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.detection import RetinaNet as TVRetinaNet
@@ -49,13 +57,8 @@ def torchvision_model(seed: int = 0) -> nn.Module:
     )
     model = TVRetinaNet(backbone, num_classes=91, min_size=MIN_SIZE, max_size=MAX_SIZE)
     overwrite_eps(model, 0.0)
+    randomise_frozen_bn(model)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, FrozenBatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
         head = model.head
         head.regression_head.bbox_reg.weight.mul_(0.05)
         cls_logits = head.classification_head.cls_logits

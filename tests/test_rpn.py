@@ -444,29 +444,18 @@ def test_bad_inputs(tmp_path: Path) -> None:
         ours(images()[1], feats, gt)
     with pytest.raises(ValueError, match="p7"):
         build_proposal_generator(config(tmp_path, ["MODEL.RPN.IN_FEATURES=[p7]"]), SHAPES)
+    parts = {
+        "in_features": ["p2"],
+        "head": ours.head,
+        "anchor_generator": ours.anchor_generator,
+        "anchor_matcher": ours.anchor_matcher,
+        "box2box_transform": ours.box2box_transform,
+        "batch_size_per_image": 256,
+        "positive_fraction": 0.5,
+        "pre_nms_topk": (10, 10),
+        "post_nms_topk": (10, 10),
+    }
     with pytest.raises(ValueError, match="box_reg_loss_type"):
-        RPN(
-            in_features=["p2"],
-            head=ours.head,
-            anchor_generator=ours.anchor_generator,
-            anchor_matcher=ours.anchor_matcher,
-            box2box_transform=ours.box2box_transform,
-            batch_size_per_image=256,
-            positive_fraction=0.5,
-            pre_nms_topk=(10, 10),
-            post_nms_topk=(10, 10),
-            box_reg_loss_type="diou",
-        )
+        RPN(**parts, box_reg_loss_type="diou")
     with pytest.raises(ValueError, match="loss_normalizer"):
-        RPN(
-            in_features=["p2"],
-            head=ours.head,
-            anchor_generator=ours.anchor_generator,
-            anchor_matcher=ours.anchor_matcher,
-            box2box_transform=ours.box2box_transform,
-            batch_size_per_image=256,
-            positive_fraction=0.5,
-            pre_nms_topk=(10, 10),
-            post_nms_topk=(10, 10),
-            loss_normalizer="mean",
-        )
+        RPN(**parts, loss_normalizer="mean")
