@@ -26,6 +26,10 @@ main: install
 # the lock or the project metadata changes.
 $(VENV)/.deps: constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# opencv-contrib-python-headless replaced opencv-python-headless (same cv2 module): an
+	# older venv drops both, so that the contrib one is installed whole.
+	if $(PIP) show -q opencv-python-headless 2>/dev/null; then \
+	  $(PIP) uninstall -y -q opencv-python-headless opencv-contrib-python-headless; fi
 	$(PIP) install -c constraints.txt setuptools wheel ninja torch torchvision
 	DETFRAME_BUILD_EXT=0 $(PIP) install -c constraints.txt --no-build-isolation -e ".[dev]"
 	touch $@

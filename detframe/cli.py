@@ -1,4 +1,4 @@
-"""The `detframe` command: train, evaluate, draw, benchmark, show configs, plot curves.
+"""The `detframe` command: train, evaluate, draw, benchmark, propose, show configs, plot curves.
 
     detframe train CONFIG [KEY=VALUE ...] [--resume] [--eval-only] [--output-dir DIR]
                    [--num-processes N | --num-gpus N]
@@ -6,6 +6,9 @@
     detframe demo CONFIG --weights FILE (--input IMAGE_OR_FOLDER | --dataset NAME)
                   --output DIR [--limit N] [--confidence 0.5] [KEY=VALUE ...]
     detframe benchmark CONFIG [--weights FILE] [--images N] [--train] [KEY=VALUE ...]
+    detframe proposals CONFIG --output FILE [--method model|selective_search|NAME]
+                       [--weights FILE] [--dataset NAME] [--num-workers N] [--restart]
+                       [KEY=VALUE ...]
     detframe config CONFIG [KEY=VALUE ...]
     detframe schema
     detframe plot RUN_DIR [RUN_DIR ...] --output PNG [--keys KEY ...] [--window N]
@@ -199,6 +202,26 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proposals(args: argparse.Namespace) -> int:
+    from detframe.engine import setup_logging
+    from detframe.engine.proposals import MODEL_METHOD, resolve_method, write_proposals
+
+    setup_logging()
+    cfg = _load(args, [f"MODEL.WEIGHTS={args.weights}"] if args.weights else [])
+    if args.weights and resolve_method(cfg, args.method) != MODEL_METHOD:
+        raise ValueError(f"--weights is for --method model; {args.method!r} takes no weights")
+    report = write_proposals(
+        cfg,
+        args.output,
+        method=args.method,
+        dataset=args.dataset,
+        num_workers=args.num_workers,
+        restart=args.restart,
+    )
+    print(report.format())
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from detframe.config import format_config
 
@@ -279,6 +302,37 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=10, help="test images timed (default 10)")
     bench.add_argument("--train", action="store_true", help="also time training steps")
     bench.add_argument("--train-steps", type=int, default=5, help="timed training steps")
+
+    proposals = command(
+        "proposals",
+        _proposals,
+        "write proposals for every image of a dataset (resumable) and print their recall",
+    )
+    proposals.add_argument(
+        "--output", required=True, help="the proposals file to write: .pkl, .npz or .pt"
+    )
+    proposals.add_argument(
+        "--method",
+        default="model",
+        help="'model' (default): the config's proposal generator (also its name, e.g. rpn); "
+        "or an offline method, e.g. selective_search (a name in OFFLINE_PROPOSAL_REGISTRY, "
+        "case-insensitive, '_' ignored)",
+    )
+    proposals.add_argument(
+        "--weights", help="checkpoint file or URL for --method model (default: MODEL.WEIGHTS)"
+    )
+    proposals.add_argument("--dataset", help="a registered dataset (default: DATASETS.TEST[0])")
+    proposals.add_argument(
+        "--num-workers",
+        type=int,
+        help="worker processes (default: DATALOADER.NUM_WORKERS, at most the CPU count)",
+    )
+    proposals.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard any progress saved in OUTPUT.partial/ and start over (without it, the "
+        "same arguments continue that progress and other arguments are refused)",
+    )
 
     command("config", _config, "print the effective config")
     command("schema", _schema, "print the declared config keys as a markdown table", config=False)

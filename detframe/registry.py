@@ -43,6 +43,7 @@ __all__ = [
     "FPN_TOP_BLOCK_REGISTRY",
     "MAPPER_REGISTRY",
     "META_ARCH_REGISTRY",
+    "OFFLINE_PROPOSAL_REGISTRY",
     "POOLER_REGISTRY",
     "PROPOSAL_GENERATOR_REGISTRY",
     "ROI_BOX_HEAD_REGISTRY",
@@ -146,6 +147,9 @@ META_ARCH_REGISTRY = Registry("META_ARCH")
 BACKBONE_REGISTRY = Registry("BACKBONE")
 # Proposal generators: RPN, DeepMask, precomputed, ...
 PROPOSAL_GENERATOR_REGISTRY = Registry("PROPOSAL_GENERATOR")
+# Offline proposal methods: an image -> class-agnostic boxes, computed once and written to a
+# proposals file (`detframe proposals --method`), e.g. selective search.
+OFFLINE_PROPOSAL_REGISTRY = Registry("OFFLINE_PROPOSAL")
 # FPN top blocks: extra coarse levels above the pyramid (P6 by max-pool, P6/P7 by convs).
 FPN_TOP_BLOCK_REGISTRY = Registry("FPN_TOP_BLOCK")
 # RPN heads: feature maps -> objectness logits and box deltas.

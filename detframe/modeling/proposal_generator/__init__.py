@@ -17,6 +17,7 @@ proposals on, truncated.
 """
 
 from .build import build_proposal_generator
+from .offline import OfflineProposalMethod, SelectiveSearch  # noqa: F401  (registers methods)
 from .precomputed import PrecomputedProposals
 from .rpn import RPN, StandardRPNHead, find_top_proposals
 
