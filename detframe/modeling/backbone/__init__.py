@@ -4,9 +4,11 @@ from .backbone import Backbone, ImageNetKeyMap, TakesImageNetWeights
 from .build import build_backbone
 from .fpn import FPN
 from .resnet import BasicBlock, Bottleneck, ResNet
+from .vgg import VGG, vgg_width
 
 __all__ = [
     "FPN",
+    "VGG",
     "Backbone",
     "BasicBlock",
     "Bottleneck",
@@ -14,4 +16,5 @@ __all__ = [
     "ResNet",
     "TakesImageNetWeights",
     "build_backbone",
+    "vgg_width",
 ]

@@ -1,8 +1,8 @@
 """Backbone: the interface every backbone implements, and how it takes ImageNet weights.
 
-Shapes: x [N, 3, H, W] (N images, H x W padded to a multiple of `size_divisibility` when it
-is > 0); each output feature map [N, C_f, H / s_f, W / s_f] with C_f channels and stride s_f
-as given by `output_shape()[f]`.
+Shapes: x [N, 3, H, W] (N images, H x W padded to a multiple of `size_divisibility`); each
+output feature map [N, C_f, H / s_f, W / s_f] with C_f channels and stride s_f as given by
+`output_shape()[f]`.
 
 ImageNet initialisation: a backbone designed after an ImageNet classifier (torchvision's
 ResNet, VGG) says, in `imagenet_key_map()`, which tensors of that classifier's state dict it
@@ -64,8 +64,9 @@ class Backbone(nn.Module, ABC):
 
     @property
     def size_divisibility(self) -> int:
-        """Input height and width must be multiples of this (0: any size works)."""
-        return 0
+        """Input height and width must be multiples of this (1, the default: any size works,
+        feature sizes round at each stride); a detector pads its batch to a multiple of it."""
+        return 1
 
     def imagenet_key_map(self) -> ImageNetKeyMap | None:
         """The tensors this backbone takes from the ImageNet classifier it was designed
