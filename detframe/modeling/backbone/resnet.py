@@ -6,8 +6,10 @@ H/32, W/32] (C_2 = 256 for Bottleneck depths, 64 for BasicBlock ones; sizes roun
 
 Module names mirror `torchvision.models.resnet` (conv1, bn1, layer1..layer4 of BasicBlock /
 Bottleneck blocks with conv1, bn1, conv2, bn2[, conv3, bn3] and downsample = (conv, norm)),
-so torchvision's ImageNet state dicts load as they are, less their classifier (fc.*):
-`imagenet_key_map` says so to `detframe.modeling.load_weights` (MODEL.WEIGHTS).
+so torchvision's ImageNet state dicts load as they are, less their classifier (fc.*) and the
+stages not built: `imagenet_key_map` says so to `detframe.modeling.load_weights`
+(MODEL.WEIGHTS). `make_stage` builds one stage: the ResNet's res2..res{k}, and the res5 that
+a C4 model runs per ROI (`detframe.modeling.roi_heads.Res5ROIHeads`, which takes layer4.*).
 
 Speed: a convolution followed by a `FrozenBatchNorm2d` runs as one convolution
 (`detframe.layers.conv_norm`); ReLUs then run in place.
@@ -28,7 +30,7 @@ from detframe.registry import BACKBONE_REGISTRY
 
 from .backbone import Backbone, ImageNetKeyMap
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "init_resnet_weights", "make_stage"]
 
 _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 _BLOCKS_PER_STAGE[152] = [3, 8, 36, 3]
@@ -87,9 +89,11 @@ def _downsample(c_in: int, c_out: int, stride: int, norm: str, eps: float) -> nn
 
 
 class _ResidualBlock(nn.Module):
-    """What the blocks share: the shortcut, identity or `downsample` (1x1 conv, norm)."""
+    """What the blocks share: the shortcut, identity or `downsample` (1x1 conv, norm), and
+    `out_channels`."""
 
     downsample: nn.Sequential | None
+    out_channels: int
 
     def _shortcut(self, x: Tensor) -> Tensor:
         if self.downsample is None:
@@ -104,6 +108,7 @@ class BasicBlock(_ResidualBlock):
         self, *, in_channels: int, out_channels: int, stride: int, norm: str, eps: float
     ) -> None:
         super().__init__()
+        self.out_channels = out_channels
         self.conv1 = _conv(in_channels, out_channels, 3, stride)
         self.bn1 = get_norm(norm, out_channels, eps)
         self.conv2 = _conv(out_channels, out_channels, 3)
@@ -138,6 +143,7 @@ class Bottleneck(_ResidualBlock):
         eps: float,
     ) -> None:
         super().__init__()
+        self.out_channels = out_channels
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = _conv(in_channels, bottleneck_channels, 1, stride_1x1)
         self.bn1 = get_norm(norm, bottleneck_channels, eps)
@@ -154,6 +160,90 @@ class Bottleneck(_ResidualBlock):
         out = conv_norm(out, self.conv2, self.bn2, relu=True)
         out = conv_norm(out, self.conv3, self.bn3, relu=False)
         return F.relu_(out.add_(self._shortcut(x)))
+
+
+def _check_depth_and_widths(depth: int, num_groups: int, width_per_group: int) -> None:
+    if depth not in _BLOCKS_PER_STAGE:
+        raise ValueError(f"depth must be one of {sorted(_BLOCKS_PER_STAGE)}, got {depth}")
+    if depth < 50 and (num_groups != 1 or width_per_group != 64):
+        raise ValueError(
+            f"depth {depth} (BasicBlock) needs num_groups=1 and width_per_group=64, got "
+            f"{num_groups} and {width_per_group}"
+        )
+
+
+def _default_res2_out_channels(depth: int) -> int:
+    return 64 if depth < 50 else 256
+
+
+def make_stage(
+    depth: int,
+    stage: str,
+    *,
+    in_channels: int,
+    res2_out_channels: int | None = None,
+    num_groups: int = 1,
+    width_per_group: int = 64,
+    stride_in_1x1: bool = True,
+    norm: str = "FrozenBN",
+    eps: float = 1e-5,
+) -> nn.Sequential:
+    """The blocks of one stage of a ResNet of `depth`, laid out as torchvision's layer{i}.
+
+    Stage "res{i + 2}" (i = 0..3) has the depth's number of blocks (BasicBlock for 18 and 34,
+    Bottleneck deeper) with C = res2_out_channels * 2**i output channels and, for
+    Bottleneck, num_groups * width_per_group * 2**i channels in the 3x3 conv. Its first
+    block has stride s = 2 (s = 1 in res2) and a projection shortcut when the stride or the
+    channels change: [N, in_channels, H, W] -> [N, C, H / s, W / s] (sizes rounded up).
+
+    ResNet builds res2..res{k} with this; a C4 model's ROI head builds res5 on pooled
+    features. The convs keep PyTorch's default initialisation (see `init_resnet_weights`).
+
+    Args:
+        depth: 18, 34, 50, 101 or 152.
+        stage: "res2", "res3", "res4" or "res5".
+        in_channels: channels of the stage's input.
+        res2_out_channels: channels out of res2; None: 256 for Bottleneck, 64 for BasicBlock.
+        num_groups, width_per_group, stride_in_1x1: see `ResNet`.
+        norm: the norm after every conv ("FrozenBN", "BN", "SyncBN" or "GN").
+        eps: eps of those norms.
+    """
+    _check_depth_and_widths(depth, num_groups, width_per_group)
+    if stage not in _STAGES:
+        raise ValueError(f"stage must be one of {', '.join(_STAGES)}, got {stage!r}")
+    if res2_out_channels is None:
+        res2_out_channels = _default_res2_out_channels(depth)
+    i = _STAGES.index(stage)
+    out_channels = res2_out_channels * 2**i
+    blocks: list[nn.Module] = []
+    for b in range(_BLOCKS_PER_STAGE[depth][i]):
+        common = {"stride": 2 if i > 0 and b == 0 else 1, "norm": norm, "eps": eps}
+        if depth < 50:
+            blocks.append(BasicBlock(in_channels=in_channels, out_channels=out_channels, **common))
+        else:
+            blocks.append(
+                Bottleneck(
+                    in_channels=in_channels,
+                    bottleneck_channels=num_groups * width_per_group * 2**i,
+                    out_channels=out_channels,
+                    num_groups=num_groups,
+                    stride_in_1x1=stride_in_1x1,
+                    **common,
+                )
+            )
+        in_channels = out_channels
+    return nn.Sequential(*blocks)
+
+
+def init_resnet_weights(module: nn.Module) -> None:
+    """torchvision's ResNet initialisation of every conv and norm in `module`: He normal
+    (fan out) convs, norms weight 1 and bias 0 (detectron2's MSRA fill is the same)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 @BACKBONE_REGISTRY.register()
@@ -194,8 +284,7 @@ class ResNet(Backbone):
         memory_format: torch.memory_format = torch.channels_last,
     ) -> None:
         super().__init__()
-        if depth not in _BLOCKS_PER_STAGE:
-            raise ValueError(f"depth must be one of {sorted(_BLOCKS_PER_STAGE)}, got {depth}")
+        _check_depth_and_widths(depth, num_groups, width_per_group)
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {', '.join(_NORMS)}, got {norm!r}")
         unknown = [f for f in out_features if f not in _OUTPUTS]
@@ -211,14 +300,8 @@ class ResNet(Backbone):
                 f"memory_format must be torch.contiguous_format or torch.channels_last, got "
                 f"{memory_format}"
             )
-        basic = depth < 50
-        if basic and (num_groups != 1 or width_per_group != 64):
-            raise ValueError(
-                f"depth {depth} (BasicBlock) needs num_groups=1 and width_per_group=64, got "
-                f"{num_groups} and {width_per_group}"
-            )
         if res2_out_channels is None:
-            res2_out_channels = 64 if basic else 256
+            res2_out_channels = _default_res2_out_channels(depth)
         self._out_features = [f for f in _OUTPUTS if f in out_features]
         self.memory_format = memory_format
 
@@ -233,30 +316,24 @@ class ResNet(Backbone):
 
         num_stages = max(_OUTPUTS.index(f) for f in out_features)
         in_channels = stem_out_channels
-        for i, num_blocks in enumerate(_BLOCKS_PER_STAGE[depth][:num_stages]):
-            out_channels = res2_out_channels * 2**i
-            blocks = []
-            for b in range(num_blocks):
-                stride = 2 if i > 0 and b == 0 else 1
-                common = {"stride": stride, "norm": norm_of(i + 2), "eps": norm_eps}
-                if basic:
-                    block = BasicBlock(in_channels=in_channels, out_channels=out_channels, **common)
-                else:
-                    block = Bottleneck(
-                        in_channels=in_channels,
-                        bottleneck_channels=num_groups * width_per_group * 2**i,
-                        out_channels=out_channels,
-                        num_groups=num_groups,
-                        stride_in_1x1=stride_in_1x1,
-                        **common,
-                    )
-                blocks.append(block)
-                in_channels = out_channels
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self._shapes[_STAGES[i]] = ShapeSpec(out_channels, 4 * 2**i)
+        for i, stage in enumerate(_STAGES[:num_stages]):
+            layer = make_stage(
+                depth,
+                stage,
+                in_channels=in_channels,
+                res2_out_channels=res2_out_channels,
+                num_groups=num_groups,
+                width_per_group=width_per_group,
+                stride_in_1x1=stride_in_1x1,
+                norm=norm_of(i + 2),
+                eps=norm_eps,
+            )
+            self.add_module(f"layer{i + 1}", layer)
+            in_channels = res2_out_channels * 2**i
+            self._shapes[stage] = ShapeSpec(in_channels, 4 * 2**i)
         self._stages = [(f"layer{i + 1}", _STAGES[i]) for i in range(num_stages)]
 
-        self._init_weights()
+        init_resnet_weights(self)
         self._freeze(freeze_at)
         self.to(memory_format=memory_format)
 
@@ -275,15 +352,6 @@ class ResNet(Backbone):
             "width_per_group": r.WIDTH_PER_GROUP,
             "stem_out_channels": r.STEM_OUT_CHANNELS,
         }
-
-    def _init_weights(self) -> None:
-        """torchvision's initialisation: He normal (fan out) convs, norms weight 1, bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def _freeze(self, freeze_at: int) -> None:
         frozen: list[nn.Module] = [self.conv1, self.bn1] if freeze_at >= 1 else []

@@ -10,6 +10,7 @@ and an optional mask branch (ROI_MASK_HEAD_REGISTRY, e.g. `MaskRCNNConvUpsampleH
 from .box_head import FastRCNNConvFCHead
 from .fast_rcnn import FastRCNNOutputLayers, foreground_mask
 from .mask_head import MaskRCNNConvUpsampleHead, mask_rcnn_inference, mask_rcnn_loss, mask_targets
+from .res5_heads import Res5ROIHeads, Res5Stage
 from .roi_heads import (
     ROIHeads,
     StandardROIHeads,
@@ -17,13 +18,17 @@ from .roi_heads import (
     build_roi_pooler,
     select_foreground_proposals,
 )
+from .vgg_head import VGGFCHead
 
 __all__ = [
     "FastRCNNConvFCHead",
     "FastRCNNOutputLayers",
     "MaskRCNNConvUpsampleHead",
     "ROIHeads",
+    "Res5ROIHeads",
+    "Res5Stage",
     "StandardROIHeads",
+    "VGGFCHead",
     "build_roi_heads",
     "build_roi_pooler",
     "foreground_mask",
