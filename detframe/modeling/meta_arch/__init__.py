@@ -5,6 +5,14 @@ Every one derives from `MetaArchitecture` (the input and output protocol, see `b
 
 from .base import MetaArchitecture
 from .rcnn import GeneralizedRCNN, ProposalNetwork
+from .region_cnn import RegionCNN
 from .retinanet import RetinaNet, RetinaNetHead
 
-__all__ = ["GeneralizedRCNN", "MetaArchitecture", "ProposalNetwork", "RetinaNet", "RetinaNetHead"]
+__all__ = [
+    "GeneralizedRCNN",
+    "MetaArchitecture",
+    "ProposalNetwork",
+    "RegionCNN",
+    "RetinaNet",
+    "RetinaNetHead",
+]
