@@ -172,6 +172,32 @@ def test_proposals_move_with_the_image(tmp_path: Path) -> None:
         assert torch.equal(proposals.objectness_logits, torch.tensor([3.0, 2.0]))
 
 
+@pytest.mark.parametrize(
+    ("thresh", "kept"),
+    [(0.0, [0, 1, 2, 3]), (0.7, [2, 3]), (0.8, [1, 2, 3]), (0.5, [3]), (1.0, [0, 1, 2, 3])],
+)
+def test_training_drops_proposals_inside_crowd_regions(
+    tmp_path: Path, thresh: float, kept: list[int]
+) -> None:
+    record = _coco_dataset(tmp_path)[0]  # crowd box XYWH [2, 25, 10, 10]: XYXY [2, 25, 12, 35]
+    # Fractions of each proposal's area inside the crowd box, by hand: 100/100, 80/100
+    # (x 2..10 of 0..10), 100/150 (y 25..35 of 20..35), 0.
+    proposals = [[2, 25, 12, 35], [0, 25, 10, 35], [2, 20, 12, 35], [30, 0, 50, 20]]
+    record["proposal_boxes"] = np.array(proposals, np.float32)
+    record["proposal_objectness_logits"] = np.array([4.0, 3.0, 2.0, 1.0], np.float32)
+    train = DatasetMapper(True, [], proposal_crowd_filter_thresh=thresh)(record)["proposals"]
+    assert train.objectness_logits.tolist() == [4.0 - i for i in kept]
+    evaluation = DatasetMapper(False, [], proposal_crowd_filter_thresh=thresh)(record)
+    assert len(evaluation["proposals"]) == 4  # evaluation keeps every proposal
+    del record["annotations"][2]  # no crowd region: nothing is dropped
+    assert len(DatasetMapper(True, [], proposal_crowd_filter_thresh=0.7)(record)["proposals"]) == 4
+
+
+def test_proposal_crowd_filter_thresh_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"proposal_crowd_filter_thresh must be in \[0, 1\]"):
+        DatasetMapper(True, [], proposal_crowd_filter_thresh=1.5)
+
+
 def test_rgb_format_reverses_channels(tmp_path: Path) -> None:
     image = np.zeros((8, 10, 3), np.uint8)
     image[..., 0] = 200  # blue in BGR
@@ -268,7 +294,7 @@ def _config(resize_method: str):
                 "RESIZE_METHOD": resize_method,
             },
             "MODEL": {"MASK_ON": True},
-            "DATALOADER": {"ON_BAD_DATA": "skip"},
+            "DATALOADER": {"ON_BAD_DATA": "skip", "PROPOSAL_CROWD_FILTER_THRESH": 0.7},
         }
     )
 
@@ -277,7 +303,7 @@ def test_from_config_builds_train_and_test_mappers() -> None:
     cfg = _config("opencv")
     train = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True))
     assert train.is_train and train.mask_on and train.mask_format == "bitmask"
-    assert train.on_bad == "skip"
+    assert train.on_bad == "skip" and train.proposal_crowd_filter_thresh == 0.7
     assert [type(a).__name__ for a in train.augmentations] == ["ResizeShortestEdge"]
     assert train.augmentations[0].short_edge_lengths == (32, 40)
     test = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=False))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -12,6 +14,8 @@ from pycocotools.coco import COCO
 
 from detframe.data import shapes
 from detframe.data.shapes import (
+    SHAPE_CLASSES,
+    SHAPE_KINDS,
     ShapesConfig,
     default_shapes_root,
     generate_shapes,
@@ -21,6 +25,9 @@ from detframe.data.shapes import (
 
 # Not square, so that a height/width mix-up shows.
 SMALL = ShapesConfig(num_images=10, image_size=(72, 88), seed=3)
+EVERY_KIND = ShapesConfig(
+    num_images=12, image_size=(96, 112), min_instances=3, max_instances=5, classes=SHAPE_KINDS
+)
 
 
 def _mask_bbox(mask: np.ndarray) -> list[int]:
@@ -28,23 +35,26 @@ def _mask_bbox(mask: np.ndarray) -> list[int]:
     return [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
 
 
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_shapes(tmp_path_factory.mktemp("shapes") / "small", SMALL)
+@pytest.fixture(scope="module", params=[SMALL, EVERY_KIND], ids=["small", "every_kind"])
+def small_dataset(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_shapes(tmp_path_factory.mktemp("shapes") / "small", request.param)
 
 
 def test_coco_json_matches_masks_and_images(small_dataset: Path) -> None:
     coco = COCO(str(small_dataset))
-    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(SMALL.classes)
-    assert sorted(coco.getCatIds()) == [1, 2, 3]
-    assert sorted(coco.getImgIds()) == list(range(1, SMALL.num_images + 1))
+    config = ShapesConfig(**json.loads(small_dataset.read_text())["info"]["config"])
+    num_classes = len(config.classes)
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(config.classes)
+    assert sorted(coco.getCatIds()) == list(range(1, num_classes + 1))
+    assert sorted(coco.getImgIds()) == list(range(1, config.num_images + 1))
     assert sorted(coco.anns) == list(range(1, len(coco.anns) + 1))
-    assert len(coco.anns) >= SMALL.num_images
+    assert len(coco.anns) >= config.num_images
+    assert {a["category_id"] for a in coco.anns.values()} == set(range(1, num_classes + 1))
     kinds = set()
     for ann in coco.anns.values():
         info = coco.imgs[ann["image_id"]]
         mask = coco.annToMask(ann).astype(bool)
-        assert mask.shape == (72, 88) == (info["height"], info["width"])
+        assert mask.shape == config.image_size == (info["height"], info["width"])
         assert ann["iscrowd"] == 0
         assert np.allclose(ann["bbox"], _mask_bbox(mask), atol=1)
         assert ann["area"] == mask.sum()
@@ -53,11 +63,83 @@ def test_coco_json_matches_masks_and_images(small_dataset: Path) -> None:
             assert isinstance(ann["segmentation"]["counts"], str)
         # The visible mask is exactly the pixels painted in the instance's single colour.
         image = cv2.imread(str(small_dataset.parent / "images" / info["file_name"]))
-        assert image.shape == (72, 88, 3)
+        assert image.shape == (*config.image_size, 3)
         assert len(np.unique(image[mask], axis=0)) == 1
         ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
         assert not (image[ring] == image[mask][0]).all(axis=1).all()
     assert kinds == {list, dict}  # unoccluded instances get polygons, occluded ones RLE
+
+
+# Computed with detframe.data.shapes before the kinds beyond circle, square and triangle were
+# added: the first 3 images of the default splits (128 x 128) must not change, since the
+# quickstart's figures and every cached dataset depend on them. sha256 of annotations.json,
+# and of the decoded BGR pixels of images 0, 1, 2 concatenated.
+DEFAULT_SPLIT_HASHES = {
+    "shapes_train": (
+        "de8f401bec79be36320b4d58ab43d44217f8f342e29e2343a83272957301bc6a",
+        "30d3fd59fadea0b743160fb9bb0e6b28923d45c8e4b79ed4abf4bc71aba4fd77",
+    ),
+    "shapes_val": (
+        "77eba50cc87c23fae783e39d783d324d0ba5e99dee2b4d7c1581e0d98d0355d5",
+        "9362714ee73f5b001187b17a3f3c875fb09a17af08d7415187c2980110d6ca26",
+    ),
+}
+
+
+@pytest.mark.parametrize("split", sorted(DEFAULT_SPLIT_HASHES))
+def test_default_splits_are_unchanged(tmp_path: Path, split: str) -> None:
+    json_file = generate_shapes(tmp_path / split, shapes_split(split, num_images=3))
+    pixels = hashlib.sha256()
+    for i in range(3):
+        image = cv2.imread(str(json_file.parent / "images" / f"{i:06d}.png"), cv2.IMREAD_COLOR)
+        pixels.update(np.ascontiguousarray(image).tobytes())
+    digests = (hashlib.sha256(json_file.read_bytes()).hexdigest(), pixels.hexdigest())
+    assert digests == DEFAULT_SPLIT_HASHES[split]
+
+
+def _shoelace_area(polygon: np.ndarray) -> float:
+    x, y = polygon[:, 0], polygon[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+# Area of each kind over its squared circumradius R, from its geometry: regular n-gons
+# n/2 sin(2 pi/n); a five-pointed star with inner radius r = 0.45 R: 10 triangles of area
+# R r sin(36 deg) / 2; an ellipse with semi-axes R and R/2 (as a polygon of >= 16 vertices,
+# within 2.6 %); a cross of two bars 2a x 2b, b = a/3, a^2 + b^2 = R^2, overlapping in a
+# 2b x 2b square.
+_HALF_BAR = 1 / math.hypot(1, 1 / 3)
+_AREA_OVER_R2 = {
+    "circle": math.pi,
+    "square": 2.0,
+    "triangle": 3 * math.sqrt(3) / 4,
+    "pentagon": 2.5 * math.sin(math.radians(72)),
+    "hexagon": 3 * math.sqrt(3) / 2,
+    "star": 5 * 0.45 * math.sin(math.radians(36)),
+    "ellipse": math.pi / 2,
+    "cross": 2 * (2 * _HALF_BAR) * (2 * _HALF_BAR / 3) - (2 * _HALF_BAR / 3) ** 2,
+}
+_VERTICES = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "star": 10, "cross": 12}
+
+
+def test_every_kind_has_its_geometry() -> None:
+    assert SHAPE_CLASSES == ("circle", "square", "triangle") == SHAPE_KINDS[:3]
+    assert set(SHAPE_KINDS) == set(_AREA_OVER_R2)
+    seen = set()
+    for i in range(EVERY_KIND.num_images):
+        for s in render_image(EVERY_KIND, i).shapes:
+            kind = EVERY_KIND.classes[s.category_id - 1]
+            seen.add(kind)
+            centre = s.polygon.mean(axis=0)  # every kind is point-symmetric or regular
+            radius = np.linalg.norm(s.polygon - centre, axis=1).max()
+            area = _shoelace_area(s.polygon)
+            assert area == pytest.approx(_AREA_OVER_R2[kind] * radius**2, rel=0.026), kind
+            if kind in _VERTICES:
+                assert len(s.polygon) == _VERTICES[kind]
+            else:
+                assert len(s.polygon) >= 16
+            convex = cv2.isContourConvex(s.polygon.astype(np.float32)[:, None, :])
+            assert convex == (kind not in ("star", "cross")), kind
+    assert seen == set(SHAPE_KINDS)
 
 
 def test_same_config_gives_identical_bytes(tmp_path: Path) -> None:
@@ -209,7 +291,9 @@ def test_refuses_to_replace_a_folder_that_is_not_a_shapes_dataset(tmp_path: Path
         ("min_size", 0.5, {}),
         ("max_size", 4, {"min_size": 8}),
         ("max_size", 60, {}),
-        ("classes", ("circle", "hexagon"), {}),
+        ("max_size", 65, {"classes": ("circle",)}),
+        ("classes", ("circle", "heptagon"), {}),
+        ("classes", "circle", {}),
         ("classes", (), {}),
         ("classes", ("square", "square"), {}),
         ("seed", -3, {}),
@@ -230,6 +314,14 @@ def test_config_defaults_follow_image_size() -> None:
     assert config.image_size == (64, 64)
     assert (config.min_size, config.max_size) == (8.0, 24.0)
     assert config == ShapesConfig(num_images=1, image_size=(64, 64), min_size=8, max_size=24)
+
+
+def test_largest_size_fits_the_widest_kind_drawn() -> None:
+    # A square's circumradius is side / sqrt(2); every other kind's is at most size / 2.
+    ShapesConfig(num_images=1, image_size=64, max_size=64, classes=("circle", "star"))
+    ShapesConfig(num_images=1, image_size=64, max_size=45, classes=("square",))
+    with pytest.raises(ValueError, match=r"a square .* max_size \* 1.414 <= min\(image_size\)"):
+        ShapesConfig(num_images=1, image_size=64, max_size=46, classes=("star", "square"))
 
 
 def test_splits_and_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -10,16 +10,19 @@ from .catalog import (
     DATASETS,
     DatasetCatalog,
     DatasetEntry,
+    parse_shapes_entry,
     register_coco,
     register_from_config,
     register_from_config_entry,
     register_shapes,
+    register_shapes_dataset,
 )
 from .coco import DatasetError, coco_metadata, load_coco_json, load_proposals
 from .mapper import DatasetMapper
 from .samplers import AspectRatioGroupedBatcher, Batcher, InferenceSampler, TrainingSampler
 from .shapes import (
     SHAPE_CLASSES,
+    SHAPE_KINDS,
     RenderedImage,
     ShapeInstance,
     ShapesConfig,
@@ -33,6 +36,7 @@ from .transforms import RandomFlip, ResizeShortestEdge, apply_transforms
 __all__ = [
     "DATASETS",
     "SHAPE_CLASSES",
+    "SHAPE_KINDS",
     "AspectRatioGroupedBatcher",
     "Batcher",
     "DatasetCatalog",
@@ -56,10 +60,12 @@ __all__ = [
     "generate_shapes",
     "load_coco_json",
     "load_proposals",
+    "parse_shapes_entry",
     "register_coco",
     "register_from_config",
     "register_from_config_entry",
     "register_shapes",
+    "register_shapes_dataset",
     "render_image",
     "shapes_split",
 ]

@@ -17,12 +17,26 @@ splits "shapes_train" and "shapes_val" are registered here; loading one generate
 cached) under `default_shapes_root()/<name>`, resolved at load time. Your own COCO data:
 `register_coco(name, json_file, image_root)` from a module listed under `IMPORTS`.
 
+From the config alone (`register_from_config`, which the CLI and the trainer call):
+
+    DATASETS.COCO    ['NAME,ANNOTATIONS_JSON,IMAGE_ROOT[,PROPOSALS_FILE]', ...]
+    DATASETS.SHAPES  ['NAME,KEY=VALUE,...', ...]: a synthetic shapes dataset (`ShapesConfig`)
+                     generated into `default_shapes_root()/NAME` when first loaded. KEYs:
+                     num_images (required), image_size (S, or HxW as height x width),
+                     min_size, max_size, min_instances, max_instances, classes (kinds from
+                     SHAPE_KINDS joined by ';'), seed, min_visible_fraction,
+                     min_visible_pixels, and proposals (a proposals file, as DATASETS.COCO's).
+                     e.g. 'shapes_large_train,num_images=2000,image_size=384,min_size=16,
+                     max_size=200,max_instances=8,classes=circle;square;triangle;pentagon;
+                     hexagon;star,seed=0,proposals=ss_train.pkl' (one string, no spaces needed)
+
 `check_num_classes(num_classes, names)` compares a model's number of classes with the
 datasets' `thing_classes` before anything is trained.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -36,17 +50,19 @@ from detframe.config import ConfigError, declare
 from detframe.registry import DATASET_REGISTRY, Registry
 
 from .coco import OnBad, coco_metadata, load_coco_json
-from .shapes import default_shapes_root, generate_shapes, shapes_split
+from .shapes import ShapesConfig, default_shapes_root, generate_shapes, shapes_split
 
 __all__ = [
     "DATASETS",
     "DatasetCatalog",
     "DatasetEntry",
     "check_num_classes",
+    "parse_shapes_entry",
     "register_coco",
     "register_from_config",
     "register_from_config_entry",
     "register_shapes",
+    "register_shapes_dataset",
 ]
 
 _EVALUATOR_TYPE = "coco"
@@ -196,16 +212,27 @@ declare(
     [],
     "COCO datasets to register, each 'NAME,ANNOTATIONS_JSON,IMAGE_ROOT[,PROPOSALS_FILE]'",
 )
+declare(
+    "DATASETS.SHAPES",
+    list[str],
+    [],
+    "synthetic shapes datasets to register, each 'NAME,KEY=VALUE,...' with KEYs num_images "
+    "(required), image_size (S or HxW), min_size, max_size, min_instances, max_instances, "
+    "classes (names joined by ';'), seed, min_visible_fraction, min_visible_pixels, proposals",
+)
 
 
 def register_from_config(cfg: DictConfig, catalog: DatasetCatalog = DATASETS) -> list[str]:
-    """Registers every `DATASETS.COCO` entry of `cfg`, so that any COCO annotation file and
-    image folder can be used from the config alone (bad data handled per
-    DATALOADER.ON_BAD_DATA); returns the names registered.
+    """Registers every `DATASETS.COCO` and `DATASETS.SHAPES` entry of `cfg` (see the module
+    docstring), so that any COCO annotation file and image folder, or a shapes dataset of any
+    size, can be used from the config alone (bad data, such as an image missing from a
+    proposals file, handled per DATALOADER.ON_BAD_DATA); returns the names registered, COCO
+    ones first. Registering an entry again does nothing.
 
     Raises:
-        ConfigError: an entry is not 'NAME,ANNOTATIONS_JSON,IMAGE_ROOT[,PROPOSALS_FILE]'.
-        ValueError: a name is already registered with other files.
+        ConfigError: an entry is malformed; the message names the key, the entry and the
+            bad part.
+        ValueError: a name is already registered from other files or another shapes config.
     """
     names = []
     for entry in cfg.DATASETS.COCO:
@@ -226,7 +253,152 @@ def register_from_config(cfg: DictConfig, catalog: DatasetCatalog = DATASETS) ->
             catalog=catalog,
         )
         names.append(parts[0])
+    for entry in cfg.DATASETS.SHAPES:
+        name, config, proposals_file = parse_shapes_entry(entry)
+        register_shapes_dataset(
+            name,
+            config,
+            proposals_file=proposals_file,
+            on_bad=cfg.DATALOADER.ON_BAD_DATA,
+            catalog=catalog,
+        )
+        names.append(name)
     return names
+
+
+def _image_size(text: str) -> int | tuple[int, int]:
+    """'S' -> S; 'HxW' -> (H, W)."""
+    height, sep, width = text.partition("x")
+    return (int(height), int(width)) if sep else int(text)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """'a;b;c' -> ('a', 'b', 'c')."""
+    return tuple(part.strip() for part in text.split(";"))
+
+
+# DATASETS.SHAPES: the KEYs of an entry that set a ShapesConfig field, each with its parser
+# and the form it expects (for messages).
+_SHAPES_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "num_images": (int, "an int"),
+    "image_size": (_image_size, "an int S or HxW (height x width), e.g. 384 or 320x480"),
+    "min_size": (float, "a number"),
+    "max_size": (float, "a number"),
+    "min_instances": (int, "an int"),
+    "max_instances": (int, "an int"),
+    "classes": (_names, "shape names joined by ';', e.g. circle;square;star"),
+    "seed": (int, "an int"),
+    "min_visible_fraction": (float, "a number"),
+    "min_visible_pixels": (int, "an int"),
+}
+_PROPOSALS_KEY = "proposals"
+
+
+def parse_shapes_entry(entry: str) -> tuple[str, ShapesConfig, str | None]:
+    """Parses one `DATASETS.SHAPES` entry 'NAME,KEY=VALUE,...' (see the module docstring).
+
+    Returns:
+        (the dataset name, its ShapesConfig, its proposals file or None).
+
+    Raises:
+        ConfigError: the message names DATASETS.SHAPES, the entry and what is wrong: no
+            name, a part without '=', an unknown KEY (with the closest valid one), a KEY
+            given twice, a VALUE that does not parse, num_images missing, or a value that
+            ShapesConfig rejects (naming the field).
+    """
+    where = f"DATASETS.SHAPES: entry {entry!r}"
+    name, *parts = (part.strip() for part in entry.split(","))
+    if not name or "=" in name:
+        raise ConfigError(f"{where} must start with the dataset's name: 'NAME,KEY=VALUE,...'")
+    valid = [*_SHAPES_KEYS, _PROPOSALS_KEY]
+    values: dict[str, str] = {}
+    for part in parts:
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if not sep or not key or not value:
+            raise ConfigError(f"{where}: {part!r} is not KEY=VALUE")
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}; {hint}valid keys: {valid}")
+        if key in values:
+            raise ConfigError(f"{where}: key {key!r} is given twice")
+        values[key] = value
+    if "num_images" not in values:
+        raise ConfigError(f"{where}: num_images=N is required")
+    proposals_file = values.pop(_PROPOSALS_KEY, None)
+    fields: dict[str, Any] = {}
+    for key, value in values.items():
+        parse, expected = _SHAPES_KEYS[key]
+        try:
+            fields[key] = parse(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key}={value!r} is not {expected}") from None
+    try:
+        config = ShapesConfig(**fields)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return name, config, proposals_file
+
+
+def register_shapes_dataset(
+    name: str,
+    config: ShapesConfig,
+    root: str | os.PathLike[str] | None = None,
+    proposals_file: str | os.PathLike[str] | None = None,
+    on_bad: OnBad = "error",
+    catalog: DatasetCatalog = DATASETS,
+) -> None:
+    """Registers the synthetic shapes dataset of `config` as `name`. Loading it generates
+    the dataset into `root` (default: `default_shapes_root()/name`, resolved at load time)
+    if it is not there yet, then reads it with `load_coco_json`, with the precomputed
+    proposals of `proposals_file` if given (handled per `on_bad`, as for COCO data).
+
+    Registering `name` again with the same config, root and proposals file does nothing.
+
+    Raises:
+        ValueError: `name` is already registered from something else; the message names
+            both sources.
+    """
+    source = {
+        "shapes_config": config.to_json(),
+        "root": None if root is None else str(root),
+        "proposals_file": None if proposals_file is None else str(proposals_file),
+    }
+    if name in catalog:
+        registered = catalog.entry(name).source
+        if registered == source:
+            return
+        raise ValueError(
+            f"dataset {name!r} is already registered from {registered}; it cannot be "
+            f"registered again from {source}: pick another name"
+        )
+
+    def folder() -> Path:
+        return Path(root) if root is not None else default_shapes_root() / name
+
+    def load() -> list[dict[str, Any]]:
+        json_file = generate_shapes(folder(), config)
+        return load_coco_json(
+            json_file,
+            json_file.parent / "images",
+            name,
+            proposals_file=proposals_file,
+            on_bad=on_bad,
+        )
+
+    def metadata() -> dict[str, Any]:
+        ids = range(1, len(config.classes) + 1)
+        return {
+            "thing_classes": list(config.classes),
+            "dataset_id_to_contiguous_id": {i: i - 1 for i in ids},
+            "contiguous_id_to_dataset_id": {i - 1: i for i in ids},
+            "json_file": str(folder() / "annotations.json"),
+            "image_root": str(folder() / "images"),
+            "proposals_file": source["proposals_file"],
+            "evaluator_type": _EVALUATOR_TYPE,
+        }
+
+    catalog.register(name, load, metadata, source)
 
 
 def register_shapes(
@@ -237,30 +409,10 @@ def register_shapes(
     catalog: DatasetCatalog = DATASETS,
 ) -> None:
     """Registers the synthetic split `name` ("shapes_train" or "shapes_val", see
-    `shapes_split`; `num_images` and `image_size` override its size). Loading it generates
-    the split into `root` (default: `default_shapes_root()/name`, resolved at load time) if
-    it is not there yet."""
+    `shapes_split`; `num_images` and `image_size` override its size), generated into `root`
+    (see `register_shapes_dataset`)."""
     config = shapes_split(name, num_images, image_size)  # validates now, generates later
-
-    def folder() -> Path:
-        return Path(root) if root is not None else default_shapes_root() / name
-
-    def load() -> list[dict[str, Any]]:
-        json_file = generate_shapes(folder(), config)
-        return load_coco_json(json_file, json_file.parent / "images", name)
-
-    def metadata() -> dict[str, Any]:
-        ids = range(1, len(config.classes) + 1)
-        return {
-            "thing_classes": list(config.classes),
-            "dataset_id_to_contiguous_id": {i: i - 1 for i in ids},
-            "contiguous_id_to_dataset_id": {i - 1: i for i in ids},
-            "json_file": str(folder() / "annotations.json"),
-            "image_root": str(folder() / "images"),
-            "evaluator_type": _EVALUATOR_TYPE,
-        }
-
-    catalog.register(name, load, metadata, {"shapes_config": config.to_json()})
+    register_shapes_dataset(name, config, root, catalog=catalog)
 
 
 register_shapes("shapes_train")

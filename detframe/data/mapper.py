@@ -15,7 +15,11 @@ Output of `DatasetMapper.__call__`, for an image resized to H' x W'::
 A dataset dict with precomputed proposals ("proposal_boxes", "proposal_objectness_logits")
 also gives, in training and evaluation, "proposals": Instances(image_size=(H', W'),
 proposal_boxes=Boxes [R, 4] (transformed with the image, clipped, empty ones dropped),
-objectness_logits=Tensor[R]), the input of `PrecomputedProposals`.
+objectness_logits=Tensor[R]), the input of `PrecomputedProposals`. In training, with
+`proposal_crowd_filter_thresh` t > 0, a proposal that has more than t of its area inside
+one crowd region (an iscrowd=1 annotation's box) is dropped, so it is neither foreground
+nor background for the ROI heads: the `crowd_thresh` of py-faster-rcnn's and Detectron's
+COCO loaders (0.7 there), which filtered precomputed proposals the same way.
 Crowd annotations (iscrowd=1) are never targets: they are left out of "instances".
 
 Images are read with `cv2.imread(file, cv2.IMREAD_COLOR)`, which applies the EXIF
@@ -76,6 +80,15 @@ declare(
     choices=("opencv", "torchvision"),
 )
 declare("DATALOADER.MAPPER", str, "DatasetMapper", "name in MAPPER_REGISTRY")
+declare(
+    "DATALOADER.PROPOSAL_CROWD_FILTER_THRESH",
+    float,
+    0.0,
+    "at training, drop precomputed proposals with more than this fraction of their area inside "
+    "a crowd region (py-faster-rcnn, Detectron: 0.7); 0 keeps them all",
+    min=0,
+    max=1,
+)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -96,6 +109,21 @@ def _segmentation(annotation: dict[str, Any], file_name: str) -> list[Any] | dic
     return segm
 
 
+def _fraction_inside(boxes: np.ndarray, regions_xywh: np.ndarray) -> np.ndarray:
+    """[R] the largest fraction of each box's area (boxes [R, 4] XYXY) inside one region
+    (regions [C, 4] XYWH); 0 for a box without area."""
+    x0, y0 = regions_xywh[:, 0], regions_xywh[:, 1]
+    x1, y1 = x0 + regions_xywh[:, 2], y0 + regions_xywh[:, 3]
+    width = np.minimum(boxes[:, None, 2], x1) - np.maximum(boxes[:, None, 0], x0)
+    height = np.minimum(boxes[:, None, 3], y1) - np.maximum(boxes[:, None, 1], y0)
+    intersection = width.clip(min=0) * height.clip(min=0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    fraction = np.divide(
+        intersection, area[:, None], out=np.zeros_like(intersection), where=area[:, None] > 0
+    )
+    return fraction.max(axis=1)
+
+
 @MAPPER_REGISTRY.register()
 class DatasetMapper:
     """Reads the image of a dataset dict, augments it and builds the targets.
@@ -110,6 +138,9 @@ class DatasetMapper:
         on_bad: "error" raises DatasetError for a missing, unreadable or wrongly-sized
             image; "skip" returns None instead and counts it in `skipped` by kind.
         instances_in_eval: produce "instances" in evaluation too (e.g. validation loss).
+        proposal_crowd_filter_thresh: in training, drop precomputed proposals with more than
+            this fraction of their area inside one crowd box (see the module docstring);
+            0 keeps them all.
         seed: seeds the mapper's own numpy Generator, used when `__call__` gets no rng
             (every data-loader worker then gets a copy of the same stream). None (the
             default) draws each call's Generator from numpy's global state, which the
@@ -126,6 +157,7 @@ class DatasetMapper:
         mask_format: Literal["polygon", "bitmask"] = "polygon",
         on_bad: OnBad = "error",
         instances_in_eval: bool = False,
+        proposal_crowd_filter_thresh: float = 0.0,
         seed: int | None = None,
     ) -> None:
         if image_format not in ("BGR", "RGB"):
@@ -134,10 +166,16 @@ class DatasetMapper:
             raise ValueError(f"mask_format must be 'polygon' or 'bitmask', got {mask_format!r}")
         if on_bad not in ("error", "skip"):
             raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+        if not 0.0 <= proposal_crowd_filter_thresh <= 1.0:
+            raise ValueError(
+                "proposal_crowd_filter_thresh must be in [0, 1], got "
+                f"{proposal_crowd_filter_thresh}"
+            )
         self.is_train = is_train
         self.augmentations = list(augmentations)
         self.image_format, self.mask_on, self.mask_format = image_format, mask_on, mask_format
         self.on_bad, self.instances_in_eval = on_bad, instances_in_eval
+        self.proposal_crowd_filter_thresh = proposal_crowd_filter_thresh
         self.rng = None if seed is None else np.random.default_rng(seed)
         self.skipped: Counter[str] = Counter()
 
@@ -170,6 +208,7 @@ class DatasetMapper:
             "mask_on": cfg.MODEL.MASK_ON,
             "mask_format": cfg.INPUT.MASK_FORMAT,
             "on_bad": cfg.DATALOADER.ON_BAD_DATA,
+            "proposal_crowd_filter_thresh": cfg.DATALOADER.PROPOSAL_CROWD_FILTER_THRESH,
         }
 
     def _bad(self, kind: str, message: str) -> None:
@@ -283,17 +322,22 @@ class DatasetMapper:
         out["instances"] = instances
         return out
 
-    @staticmethod
     def _proposals(
-        dataset_dict: dict[str, Any], transforms: TransformList, size: tuple[int, int]
+        self, dataset_dict: dict[str, Any], transforms: TransformList, size: tuple[int, int]
     ) -> Instances:
-        """The dict's precomputed proposals, moved with the image to `size` (H', W')."""
-        boxes = transforms.apply_boxes(np.asarray(dataset_dict["proposal_boxes"], np.float32))
-        boxes = np.ascontiguousarray(boxes.reshape(-1, 4))
+        """The dict's precomputed proposals, moved with the image to `size` (H', W'), less
+        those inside crowd regions in training (see the module docstring)."""
+        original = np.asarray(dataset_dict["proposal_boxes"], np.float32).reshape(-1, 4)
+        boxes = np.ascontiguousarray(transforms.apply_boxes(original).reshape(-1, 4))
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, size[1])
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, size[0])
         logits = np.asarray(dataset_dict["proposal_objectness_logits"], np.float32)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if self.is_train and self.proposal_crowd_filter_thresh > 0:
+            crowds = [a["bbox"] for a in dataset_dict.get("annotations", []) if a.get("iscrowd")]
+            if crowds:
+                inside = _fraction_inside(original, np.array(crowds, np.float32))
+                keep &= inside <= self.proposal_crowd_filter_thresh
         return Instances(
             size,
             proposal_boxes=Boxes(torch.from_numpy(boxes[keep])),

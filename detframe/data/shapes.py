@@ -14,11 +14,15 @@ Conventions:
 - Categories are `config.classes` in order, with ids 1..K (0 stays free for background).
   Image and annotation ids start at 1; an image's `file_name` is relative to `root/images`.
 - Every image has a textured background (smooth noise, a gradient or stripes) and
-  `min_instances..max_instances` solid-coloured shapes (circles, squares, triangles of varied
-  size, position, rotation), each coloured to stand out from what lies under it. Shapes are
-  painted in order, so a later shape occludes earlier ones, and each annotation describes the
-  *visible* part of its instance: `segmentation` is the shape's polygon when nothing covers it
-  (it rasterises exactly to the visible mask), otherwise an RLE dict with `counts` as a str;
+  `min_instances..max_instances` solid-coloured shapes of the kinds in `classes` (varied size,
+  position, rotation), each coloured to stand out from what lies under it. Every kind is a
+  polygon (a circle or an ellipse has a vertex every ~2 px of its outline), so its mask is
+  exactly the polygon rasterised by pycocotools: convex (circle, square, triangle, pentagon,
+  hexagon, ellipse) or not (star, cross). `SHAPE_KINDS` lists them all; the default classes
+  are `SHAPE_CLASSES`, circle, square and triangle. Shapes are painted in order, so a later
+  shape occludes earlier ones, and each annotation describes the *visible* part of its
+  instance: `segmentation` is the shape's polygon when nothing covers it (it rasterises
+  exactly to the visible mask), otherwise an RLE dict with `counts` as a str;
   `bbox` (XYWH) and `area` are those of the visible mask; `iscrowd` is 0. An instance whose
   visible area is below `min_visible_fraction` of its full area or below `min_visible_pixels`
   is not annotated (its visible pixels stay in the image), so targets stay meaningful; the
@@ -38,6 +42,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,7 @@ from pycocotools import mask as mask_utils
 
 __all__ = [
     "SHAPE_CLASSES",
+    "SHAPE_KINDS",
     "RenderedImage",
     "ShapeInstance",
     "ShapesConfig",
@@ -58,17 +64,64 @@ __all__ = [
 ]
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
-"""Shapes the generator can draw (the default `classes`)."""
+"""The default `classes`: the shapes of the quickstart's data."""
 
-# Every shape is a regular polygon: (vertex count, None for a circle's size-dependent count;
-# circumradius as a fraction of the shape's size). Size is a circle's diameter, a square's
-# side, an equilateral triangle's side.
-_POLYGONS: dict[str, tuple[int | None, float]] = {
-    "circle": (None, 0.5),
-    "square": (4, 1 / math.sqrt(2)),
-    "triangle": (3, 1 / math.sqrt(3)),
+
+# Every kind is a polygon given in polar form about its centre: vertex k lies at distance
+# size * radii[k] from the centre, at angle rotation + phases[k]. `size` is a circle's
+# diameter, a square's side and an equilateral triangle's side; for the other kinds it is
+# the diameter of the circle through their outermost vertices (an ellipse's major axis).
+def _round_vertex_count(size: float) -> int:
+    """Vertices of a circle or an ellipse of `size`: one every ~2 px of a circle's outline."""
+    return max(16, math.ceil(math.pi * size / 2))
+
+
+def _regular(count: int, circumradius: float) -> tuple[np.ndarray, np.ndarray]:
+    """A regular `count`-gon whose first vertex is at phase 0."""
+    return np.full(count, circumradius), 2 * math.pi * np.arange(count) / count
+
+
+def _star(size: float) -> tuple[np.ndarray, np.ndarray]:
+    """A five-pointed star, inner vertices at 0.45 of the outer radius (not convex)."""
+    return np.tile([0.5, 0.5 * 0.45], 5), math.pi * np.arange(10) / 5
+
+
+def _ellipse(size: float) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipse with axes size and size / 2, the major one at phase 0."""
+    count = _round_vertex_count(size)
+    t = 2 * math.pi * np.arange(count) / count
+    x, y = 0.5 * np.cos(t), 0.25 * np.sin(t)
+    return np.hypot(x, y), np.arctan2(y, x)
+
+
+def _cross(size: float) -> tuple[np.ndarray, np.ndarray]:
+    """A plus sign of two bars whose width is a third of their length (not convex)."""
+    half_length = 0.5 / math.hypot(1, 1 / 3)  # the bars' corners lie on the circumcircle
+    a, b = half_length, half_length / 3
+    x = np.array([a, a, b, b, -b, -b, -a, -a, -b, -b, b, b])
+    y = np.array([-b, b, b, a, a, b, b, -b, -b, -a, -a, -b])
+    return np.hypot(x, y), np.arctan2(y, x)
+
+
+_OUTLINES: dict[str, Callable[[float], tuple[np.ndarray, np.ndarray]]] = {
+    "circle": lambda size: _regular(_round_vertex_count(size), 0.5),
+    "square": lambda size: _regular(4, 1 / math.sqrt(2)),
+    "triangle": lambda size: _regular(3, 1 / math.sqrt(3)),
+    "pentagon": lambda size: _regular(5, 0.5),
+    "hexagon": lambda size: _regular(6, 0.5),
+    "star": _star,
+    "ellipse": _ellipse,
+    "cross": _cross,
 }
-_MAX_RADIUS_FACTOR = max(factor for _, factor in _POLYGONS.values())
+# The circumradius of each kind as a fraction of its size: a shape is placed at least this
+# far from the image border, so it lies inside the image at any rotation.
+_CIRCUMRADIUS: dict[str, float] = {
+    kind: float(outline(1.0)[0].max()) for kind, outline in _OUTLINES.items()
+}
+
+SHAPE_KINDS: tuple[str, ...] = tuple(_OUTLINES)
+"""Every kind of shape the generator can draw: the names `classes` may list."""
+
 _GENERATOR = "detframe.data.shapes"
 _FORMAT_VERSION = 1  # bump when the drawing changes, so that caches regenerate
 _ANNOTATIONS = "annotations.json"
@@ -102,8 +155,10 @@ class ShapesConfig:
         max_instances: most shapes drawn per image (>= max(1, min_instances)).
         min_size: smallest shape size in pixels; None means 1/8 of the shorter image side.
         max_size: largest shape size in pixels; None means 3/8 of the shorter image side. A
-            square of this size must fit the image at any rotation: max_size * sqrt(2) <= side.
-        classes: shape names drawn, a subset of SHAPE_CLASSES; category ids follow this order.
+            shape of this size must fit the image at any rotation: max_size * sqrt(2) <= side
+            with squares, max_size <= side without.
+        classes: kinds of shape drawn, distinct names from SHAPE_KINDS; category ids follow
+            this order.
         seed: dataset seed (>= 0); image i uses `numpy.random.default_rng([seed, i])`.
         min_visible_fraction: instances with less than this fraction of their shape visible
             are not annotated.
@@ -142,30 +197,32 @@ class ShapesConfig:
             raise _bad(
                 "max_instances", self.max_instances, "expected an int >= max(1, min_instances)"
             )
-        min_size = side / 8 if self.min_size is None else self.min_size
-        max_size = 3 * side / 8 if self.max_size is None else self.max_size
-        if not _is_number(min_size) or min_size < 1:
-            raise _bad("min_size", self.min_size, "expected a number >= 1")
-        if not _is_number(max_size) or max_size < min_size:
-            raise _bad("max_size", self.max_size, f"expected a number >= min_size={min_size}")
-        if max_size * 2 * _MAX_RADIUS_FACTOR > side:
-            raise _bad(
-                "max_size",
-                self.max_size,
-                f"a rotated square needs max_size * sqrt(2) <= min(image_size) = {side}",
-            )
-        object.__setattr__(self, "min_size", float(min_size))
-        object.__setattr__(self, "max_size", float(max_size))
         classes = self.classes
         if (
             isinstance(classes, str)
             or not isinstance(classes, (tuple, list))
             or not classes
             or len(set(classes)) != len(classes)
-            or any(c not in SHAPE_CLASSES for c in classes)
+            or any(c not in SHAPE_KINDS for c in classes)
         ):
-            raise _bad("classes", classes, f"expected distinct names from {SHAPE_CLASSES}")
+            raise _bad("classes", classes, f"expected distinct names from {SHAPE_KINDS}")
         object.__setattr__(self, "classes", tuple(classes))
+        min_size = side / 8 if self.min_size is None else self.min_size
+        max_size = 3 * side / 8 if self.max_size is None else self.max_size
+        if not _is_number(min_size) or min_size < 1:
+            raise _bad("min_size", self.min_size, "expected a number >= 1")
+        if not _is_number(max_size) or max_size < min_size:
+            raise _bad("max_size", self.max_size, f"expected a number >= min_size={min_size}")
+        widest = max(self.classes, key=_CIRCUMRADIUS.__getitem__)
+        if max_size * 2 * _CIRCUMRADIUS[widest] > side:
+            raise _bad(
+                "max_size",
+                self.max_size,
+                f"a {widest} of this size does not fit the image at every rotation: needs "
+                f"max_size * {2 * _CIRCUMRADIUS[widest]:.4g} <= min(image_size) = {side}",
+            )
+        object.__setattr__(self, "min_size", float(min_size))
+        object.__setattr__(self, "max_size", float(max_size))
         if not _is_int(self.seed) or self.seed < 0:
             raise _bad("seed", self.seed, "expected an int >= 0")
         if not _is_number(self.min_visible_fraction) or not 0 <= self.min_visible_fraction <= 1:
@@ -238,12 +295,11 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def _polygon(kind: str, size: float, angle: float, cx: float, cy: float) -> np.ndarray:
-    """[V, 2] vertices (x, y) of a regular polygon, rounded to 0.01 px."""
-    count, factor = _POLYGONS[kind]
-    if count is None:  # circle: a vertex every ~2 px of circumference
-        count = max(16, math.ceil(math.pi * size / 2))
-    angles = angle + 2 * math.pi * np.arange(count) / count
-    radius = size * factor
+    """[V, 2] vertices (x, y) of a `kind` of `size` centred at (cx, cy) and rotated by
+    `angle`, rounded to 0.01 px."""
+    radii, phases = _OUTLINES[kind](size)
+    angles = angle + phases
+    radius = size * radii
     xy = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
     return np.round(xy, 2)
 
@@ -277,7 +333,7 @@ def render_image(config: ShapesConfig, index: int) -> RenderedImage:
         label = int(rng.integers(len(config.classes)))
         kind = config.classes[label]
         size = rng.uniform(config.min_size, config.max_size)
-        radius = size * _POLYGONS[kind][1]
+        radius = size * _CIRCUMRADIUS[kind]
         polygon = _polygon(
             kind,
             size,
