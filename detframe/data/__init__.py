@@ -18,6 +18,7 @@ from .catalog import (
     register_shapes_dataset,
 )
 from .coco import DatasetError, coco_metadata, load_coco_json, load_proposals
+from .deepmask_sampling import DeepMaskPatchMapper
 from .mapper import DatasetMapper
 from .samplers import AspectRatioGroupedBatcher, Batcher, InferenceSampler, TrainingSampler
 from .shapes import (
@@ -43,6 +44,7 @@ __all__ = [
     "DatasetEntry",
     "DatasetError",
     "DatasetMapper",
+    "DeepMaskPatchMapper",
     "InferenceSampler",
     "RandomFlip",
     "RenderedImage",

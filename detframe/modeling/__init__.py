@@ -7,6 +7,7 @@ checkpoints and torchvision's detection and ImageNet weights into it.
 
 from .backbone import FPN, Backbone, ResNet, build_backbone
 from .build import build_model
+from .deepmask import DeepMask, DeepMaskProposals  # noqa: F401  (registers them)
 from .meta_arch import GeneralizedRCNN, MetaArchitecture, ProposalNetwork
 from .proposal_generator import RPN, PrecomputedProposals, build_proposal_generator
 from .roi_heads import StandardROIHeads, build_roi_heads
