@@ -14,16 +14,22 @@ and returns N Instances with proposal_boxes (Boxes) and objectness_logits, highe
 and a dict of scalar losses (empty when there are none). `RPN` computes proposals from the
 features; `PrecomputedProposals` (Fast R-CNN, INPUT_KEYS = ("proposals",)) passes the inputs'
 proposals on, truncated.
+
+Offline methods (`OfflineProposalMethod`, OFFLINE_PROPOSAL_REGISTRY, e.g. `SelectiveSearch`)
+are not generators: they turn one image into ranked boxes once, before training, and
+`detframe proposals` writes what they give to the file that `PrecomputedProposals` reads.
 """
 
 from .build import build_proposal_generator
-from .offline import OfflineProposalMethod, SelectiveSearch  # noqa: F401  (registers methods)
+from .offline import OfflineProposalMethod, SelectiveSearch
 from .precomputed import PrecomputedProposals
 from .rpn import RPN, StandardRPNHead, find_top_proposals
 
 __all__ = [
     "RPN",
+    "OfflineProposalMethod",
     "PrecomputedProposals",
+    "SelectiveSearch",
     "StandardRPNHead",
     "build_proposal_generator",
     "find_top_proposals",
