@@ -125,16 +125,18 @@ def test_resnet50_matches_torchvision(eps: float, memory_format: torch.memory_fo
 
 def test_resnet18_basic_blocks_match_torchvision() -> None:
     tv = tv_resnet("resnet18", 0.0)
-    ours = ResNet(depth=18, norm_eps=0.0, out_features=["stem", *STAGES]).double()
+    ours = ResNet(depth=18, norm_eps=0.0, out_features=["conv1", "stem", *STAGES]).double()
     ours.load_state_dict(backbone_state(tv))
     x = torch.randn(2, 3, 70, 90, dtype=torch.float64)  # not a multiple of 32
     with torch.no_grad():
         expected, got = tv_stages(tv, x), ours(x)
-        stem = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
-    torch.testing.assert_close(got["stem"], stem, rtol=1e-10, atol=1e-10)
+        conv1 = tv.relu(tv.bn1(tv.conv1(x)))
+    torch.testing.assert_close(got["conv1"], conv1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got["stem"], tv.maxpool(conv1), rtol=1e-10, atol=1e-10)
     for name in STAGES:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-10)
     assert {k: (s.channels, s.stride) for k, s in ours.output_shape().items()} == {
+        "conv1": (64, 2),
         "stem": (64, 4),
         "res2": (64, 4),
         "res3": (128, 8),

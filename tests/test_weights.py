@@ -30,7 +30,9 @@ from detframe.modeling import (
     convert_torchvision_detection,
     load_weights,
 )
+from detframe.modeling.backbone.resnet import ResNet
 from detframe.modeling.checkpoint_io import read_state_dict
+from detframe.modeling.deepmask import DeepMaskProposals
 
 QUICKSTART = (
     Path(__file__).resolve().parents[1] / "configs/quickstart/mask_rcnn_R_18_FPN_shapes.yaml"
@@ -156,6 +158,41 @@ def test_imagenet_resnet_goes_into_the_backbone(tmp_path) -> None:
     # An ImageNet classifier is not a model to evaluate.
     with pytest.raises(ValueError, match=r"resnet18\.pth.*ImageNet classifier.*strict=False"):
         load_weights(model, str(path))
+
+
+class _Part(nn.Module):
+    """A part of a model with a ResNet inside (a trunk of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(ResNet(depth=18, out_features=["res2"]))
+
+
+class _OwnWeights(_Part):
+    """The same part, declaring that it loads its own checkpoint (as DeepMaskProposals)."""
+
+    LOADS_OWN_WEIGHTS = True
+
+
+@pytest.mark.parametrize("part", [_OwnWeights, _Part])
+def test_imagenet_weights_leave_a_part_that_loads_its_own_alone(part, tmp_path) -> None:
+    tv_resnet = resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(tv_resnet.state_dict(), path)
+    backbone = ResNet(depth=18, out_features=["res2"])
+    model = nn.ModuleDict({"backbone": backbone, "proposals": part()})
+    before = {k: v.clone() for k, v in model["proposals"].state_dict().items()}
+    report = load_weights(model, str(path), strict=False)
+    assert torch.equal(backbone.conv1.weight, tv_resnet.conv1.weight)
+    trunk = model["proposals"].trunk[0]
+    if part is _OwnWeights:
+        assert report.loaded == report.total == len(backbone.state_dict())
+        for key, value in model["proposals"].state_dict().items():
+            assert torch.equal(value, before[key]), key
+    else:  # without the declaration the file goes into the part's trunk too
+        assert report.loaded == report.total == 2 * len(backbone.state_dict())
+        assert torch.equal(trunk.conv1.weight, tv_resnet.conv1.weight)
+    assert DeepMaskProposals.LOADS_OWN_WEIGHTS
 
 
 def test_a_file_that_fits_nothing_is_an_error(model, tmp_path) -> None:

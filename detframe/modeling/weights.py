@@ -13,7 +13,9 @@ is torchvision's, checks that it fits the model, and loads it:
 - "torchvision_classifier": an ImageNet classifier of torchvision (`resnet50-*.pth`,
   `vgg16-*.pth`), taken by the modules of the model that implement `imagenet_key_map`
   (`TakesImageNetWeights` in detframe/modeling/backbone/backbone.py: the ResNet of a
-  ResNet backbone), by `convert_torchvision_classifier`.
+  ResNet backbone), by `convert_torchvision_classifier`. A module whose class sets
+  `LOADS_OWN_WEIGHTS = True` (a trained part that loads its own checkpoint, such as
+  `DeepMaskProposals`) is not searched: neither it nor its submodules take the classifier.
 
 When a file fits (shorthand: a model tensor *loads* when the file has its key, after
 conversion, with the same shape; `num_batches_tracked` counters are never required):
@@ -274,13 +276,23 @@ def _drop_retinanet_background(sd: StateDict) -> None:
 
 def _imagenet_parts(model: nn.Module) -> list[tuple[str, ImageNetKeyMap]]:
     """(prefix of the module's keys in the model, its key map) of every module of `model`
-    that takes ImageNet weights."""
+    that takes ImageNet weights, in `named_modules` order, leaving out the modules whose
+    class sets `LOADS_OWN_WEIGHTS = True` and everything inside them."""
     parts = []
-    for name, module in model.named_modules():
+    seen: set[int] = set()
+
+    def visit(name: str, module: nn.Module) -> None:
+        if id(module) in seen or getattr(module, "LOADS_OWN_WEIGHTS", False):
+            return
+        seen.add(id(module))
         if isinstance(module, TakesImageNetWeights):
             key_map = module.imagenet_key_map()
             if key_map is not None:
                 parts.append((f"{name}." if name else "", key_map))
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
     return parts
 
 

@@ -1,8 +1,10 @@
 """ResNet (He et al. 2016) and ResNeXt-style widths, laid out like torchvision's `resnet`.
 
-Shapes: x [N, 3, H, W] (N images); outputs "stem" [N, C_stem, H/4, W/4], "res2" [N, C_2,
-H/4, W/4], "res3" [N, 2 C_2, H/8, W/8], "res4" [N, 4 C_2, H/16, W/16], "res5" [N, 8 C_2,
-H/32, W/32] (C_2 = 256 for Bottleneck depths, 64 for BasicBlock ones; sizes rounded up).
+Shapes: x [N, 3, H, W] (N images); outputs "conv1" [N, C_stem, H/2, W/2] (the stem's conv,
+norm and ReLU before its max pool: SharpMask's stride-2 skip), "stem" [N, C_stem, H/4,
+W/4], "res2" [N, C_2, H/4, W/4], "res3" [N, 2 C_2, H/8, W/8], "res4" [N, 4 C_2, H/16, W/16],
+"res5" [N, 8 C_2, H/32, W/32] (C_2 = 256 for Bottleneck depths, 64 for BasicBlock ones;
+sizes rounded up).
 
 Module names mirror `torchvision.models.resnet` (conv1, bn1, layer1..layer4 of BasicBlock /
 Bottleneck blocks with conv1, bn1, conv2, bn2[, conv3, bn3] and downsample = (conv, norm)),
@@ -35,7 +37,7 @@ __all__ = ["BasicBlock", "Bottleneck", "ResNet", "init_resnet_weights", "make_st
 _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 _BLOCKS_PER_STAGE[152] = [3, 8, 36, 3]
 _STAGES = ("res2", "res3", "res4", "res5")
-_OUTPUTS = ("stem", *_STAGES)
+_OUTPUTS = ("conv1", "stem", *_STAGES)
 _NORMS = ("FrozenBN", "BN", "SyncBN", "GN")
 
 declare("MODEL.RESNETS.DEPTH", int, 50, "ResNet depth", choices=tuple(_BLOCKS_PER_STAGE))
@@ -312,9 +314,12 @@ class ResNet(Backbone):
         self.conv1 = nn.Conv2d(3, stem_out_channels, 7, 2, 3, bias=False)
         self.bn1 = get_norm(norm_of(1), stem_out_channels, norm_eps)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self._shapes = {"stem": ShapeSpec(stem_out_channels, 4)}
+        self._shapes = {
+            "conv1": ShapeSpec(stem_out_channels, 2),
+            "stem": ShapeSpec(stem_out_channels, 4),
+        }
 
-        num_stages = max(_OUTPUTS.index(f) for f in out_features)
+        num_stages = max((_STAGES.index(f) + 1 for f in out_features if f in _STAGES), default=0)
         in_channels = stem_out_channels
         for i, stage in enumerate(_STAGES[:num_stages]):
             layer = make_stage(
@@ -371,8 +376,11 @@ class ResNet(Backbone):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x [N, 3, H, W] -> {name: [N, C, ceil(H / stride), ceil(W / stride)]}."""
         x = x.contiguous(memory_format=self.memory_format)
-        x = self.maxpool(conv_norm(x, self.conv1, self.bn1, relu=True))
-        outputs = {"stem": x} if "stem" in self._out_features else {}
+        x = conv_norm(x, self.conv1, self.bn1, relu=True)
+        outputs = {"conv1": x} if "conv1" in self._out_features else {}
+        x = self.maxpool(x)
+        if "stem" in self._out_features:
+            outputs["stem"] = x
         for layer, name in self._stages:
             x = getattr(self, layer)(x)
             if name in self._out_features:

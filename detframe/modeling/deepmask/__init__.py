@@ -9,6 +9,7 @@ from .heads import DeepMaskHead, DeepMaskPaperHead
 from .inference import PyramidSettings
 from .model import DeepMask, deepmask_losses
 from .proposals import DeepMaskProposals
+from .sharpmask import SharpMask, SharpMaskRefinement, sharpmask_loss
 
 __all__ = [
     "DeepMask",
@@ -16,5 +17,8 @@ __all__ = [
     "DeepMaskPaperHead",
     "DeepMaskProposals",
     "PyramidSettings",
+    "SharpMask",
+    "SharpMaskRefinement",
     "deepmask_losses",
+    "sharpmask_loss",
 ]

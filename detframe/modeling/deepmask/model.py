@@ -9,7 +9,9 @@ Training inputs are patches, one dict each, from a patch-sampling mapper:
     {"image": uint8 [3, P, P] (INPUT.FORMAT), "height": P, "width": P,
      "patch_score": float [] (+1 an object centred at the canonical scale, -1 not),
      "patch_mask": float [L, L] (+1 the centred object's pixels in the window, -1 elsewhere;
-                   read for positive patches only)}
+                   read for positive patches only),
+     "patch_head": optional, "mask" | "score" | "both" (absent: "both"): the heads the
+                   patch trains (INPUT.DEEPMASK.ALTERNATE_BATCHES gives "mask" or "score")}
 
 The trunk (any backbone; its map MODEL.DEEPMASK.IN_FEATURE at stride t) runs on the patch, its
 map is cropped to the central f x f features (the release's `SpatialZeroPadding(-1,-1,-1,-1)`
@@ -18,17 +20,23 @@ on the 12 x 12 res4 map of a 192 patch), and the heads (`DeepMaskHead`, or the p
 
 Losses (`deepmask_losses`), the paper's objective divided by the batch size N:
 
-    loss_mask  = 1/N sum over positive patches k of mean over the L x L pixels ij of
-                 log(1 + exp(-y_kij u_kij)),   u_k = the mask logits upsampled bilinearly to L
-    loss_score = lambda * 1/N sum over patches k of log(1 + exp(-y_k s_k))
+    loss_mask  = 1/N sum over positive patches k that train the mask of mean over the
+                 L x L pixels ij of log(1 + exp(-y_kij u_kij)),
+                 u_k = the mask logits upsampled bilinearly to L
+    loss_score = lambda * 1/N sum over patches k that train the score of log(1 + exp(-y_k s_k))
 
-with lambda = SCORE_LOSS_WEIGHT (the paper's 1/32). The release (TrainerDeepMask.lua) instead
-alternates, with probability 1/2 per batch, between batches of positives that train trunk and
-mask branch only and 1:1 batches that train trunk and score branch only, the mask gradient
-multiplied by the batch size: per batch, 32 x the loss_mask above or 32 x the loss_score
-above with lambda = 1/32 (the same relative weight, and the same objective in expectation up
-to the factor 1/2 of the alternation). Expressing it needs the sampler to mark a batch as
-mask-only or score-only, which these inputs cannot yet say (open in issue 12).
+with lambda = SCORE_LOSS_WEIGHT (the paper's 1/32). A patch trains both heads unless its
+"patch_head" says one. The paper's joint loss: every patch trains both. The release
+(TrainerDeepMask.lua, with INPUT.DEEPMASK.ALTERNATE_BATCHES) alternates batches of positives
+that train trunk and mask branch and 1:1 batches that train trunk and score branch. Its
+SoftMarginCriterion averages over the batch (and the pixels), and it multiplies the mask
+gradient by the batch size, so its objective per batch is N x loss_mask above (the sum over
+patches of their pixel means) or loss_score / lambda (the mean over patches). Here with
+lambda = 1/N (the paper's 1/32 for the release's batches of 32) each batch's loss is the
+release's divided by N: the same SGD steps with BASE_LR x N and WEIGHT_DECAY / N. One
+difference remains: the head a batch does not train gets a zero gradient (its parameters stay
+in the graph, as DistributedDataParallel needs), so momentum and weight decay still move it,
+where the release leaves it alone.
 
 Evaluation inputs are whole images (`detframe.data.DatasetMapper`); the model runs fully
 convolutionally on an image pyramid and outputs {"proposals": Instances(proposal_boxes,
@@ -65,6 +73,8 @@ from .inference import (
 __all__ = ["DeepMask", "deepmask_losses"]
 
 _HEADS = {"release": DeepMaskHead, "paper": DeepMaskPaperHead}
+# Values of a patch's "patch_head": the heads it trains.
+_PATCH_HEADS = ("mask", "score", "both")
 
 declare("MODEL.DEEPMASK.IN_FEATURE", str, "res4", "trunk feature map the heads read (stride 16)")
 declare(
@@ -144,19 +154,25 @@ def deepmask_losses(
     score_logits: Tensor,
     score_labels: Tensor,
     score_loss_weight: float,
+    batch_size: int | None = None,
 ) -> dict[str, Tensor]:
     """The paper's loss over a batch of N patches, divided by N (see the module docstring).
 
     Args:
-        mask_logits: [K, m, m] of the K positive patches.
+        mask_logits: [K, m, m] of the K positive patches that train the mask.
         mask_labels: [K, L, L] +-1 labels of those patches.
-        score_logits, score_labels: [N] logits and +-1 labels of all the patches.
+        score_logits, score_labels: [S] logits and +-1 labels of the S patches that train
+            the score (all N in the paper's joint loss).
         score_loss_weight: lambda.
+        batch_size: N, which divides both sums; None: S.
 
     Returns:
-        {"loss_mask", "loss_score"} scalars, the score loss multiplied by lambda.
+        {"loss_mask", "loss_score"} scalars, the score loss multiplied by lambda. A loss
+        without patches is 0 and still backpropagates (zeros) into its head.
     """
-    num = score_logits.numel()
+    num = score_logits.numel() if batch_size is None else batch_size
+    if num < 1:
+        raise ValueError(f"batch_size must be >= 1, got {num}")
     if mask_logits.size(0) == 0:
         loss_mask = mask_logits.sum() * 0.0  # keeps the mask branch in the graph
     else:
@@ -167,7 +183,7 @@ def deepmask_losses(
         per_pixel = F.softplus(-mask_labels.to(upsampled.dtype) * upsampled)  # soft margin
         loss_mask = per_pixel.mean(dim=(1, 2)).sum() / num
     per_patch = F.softplus(-score_labels.to(score_logits.dtype) * score_logits)
-    return {"loss_mask": loss_mask, "loss_score": score_loss_weight * per_patch.mean()}
+    return {"loss_mask": loss_mask, "loss_score": score_loss_weight * (per_patch.sum() / num)}
 
 
 @META_ARCH_REGISTRY.register()
@@ -298,6 +314,22 @@ class DeepMask(MetaArchitecture):
             raise ValueError(f"'patch_mask' must be [L, L], one L for all; got shapes {shapes}")
         return scores.to(self.device), torch.stack(masks).to(self.device)
 
+    def patch_heads(self, batched_inputs: Sequence[dict[str, Any]]) -> tuple[Tensor, Tensor]:
+        """Which patches train which head, from their "patch_head" ("mask", "score" or
+        "both"; absent: "both"): (trains_mask [N] bool, trains_score [N] bool) on the
+        model's device.
+
+        Raises:
+            ValueError: another "patch_head".
+        """
+        heads = [x.get("patch_head", "both") for x in batched_inputs]
+        unknown = sorted({h for h in heads if h not in _PATCH_HEADS}, key=str)
+        if unknown:
+            raise ValueError(f"'patch_head' must be one of {_PATCH_HEADS}, got {unknown}")
+        trains_mask = torch.tensor([h != "score" for h in heads], device=self.device)
+        trains_score = torch.tensor([h != "mask" for h in heads], device=self.device)
+        return trains_mask, trains_score
+
     def patch_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised patches [N, 3, P, P] -> (embeddings [N, E], score logits [N]).
 
@@ -335,15 +367,17 @@ class DeepMask(MetaArchitecture):
                     f"patches must all have one size, got {sorted(set(images.image_sizes))}"
                 )
             score_labels, mask_labels = labels
+            trains_mask, trains_score = self.patch_heads(batched_inputs)
             embeddings, score_logits = self.patch_outputs(images.tensor)
-            positive = score_labels > 0
-            mask_logits = self.head.mask_logits(embeddings[positive])
+            mask_patches = (score_labels > 0) & trains_mask
+            mask_logits = self.head.mask_logits(embeddings[mask_patches])
             losses = deepmask_losses(
                 mask_logits,
-                mask_labels[positive],
-                score_logits,
-                score_labels,
+                mask_labels[mask_patches],
+                score_logits[trains_score],
+                score_labels[trains_score],
                 self.score_loss_weight,
+                batch_size=len(batched_inputs),
             )
         if self.training:
             return [], losses

@@ -15,9 +15,8 @@ the detector's statistics and redone with DeepMask's. Both configs must use the 
 INPUT.FORMAT. The DeepMask is built from its own config file and checkpoint
 (MODEL.DEEPMASK_PROPOSALS.CONFIG / .WEIGHTS), never trains (no gradient, always in evaluation
 mode) and gives no losses; its parameters are part of the detector's state dict, so a
-detector checkpoint carries them. Caveat: ImageNet MODEL.WEIGHTS of the detector would also
-be loaded into the DeepMask's trunk (`detframe.modeling.load_weights` initialises every module
-that takes ImageNet weights), overwriting its trained trunk.
+detector checkpoint carries them. It sets `LOADS_OWN_WEIGHTS`, so ImageNet MODEL.WEIGHTS of
+the detector initialise the detector's own trunk and leave the DeepMask's alone.
 
 Cost: the masks are pasted into the image to find the boxes (as for proposal evaluation), R_i
 x h_i x w_i booleans per image, then dropped.
@@ -64,6 +63,8 @@ class DeepMaskProposals(nn.Module):
         deepmask: the trained model (its weights loaded).
         pixel_mean, pixel_std: the detector's normalisation, per channel.
     """
+
+    LOADS_OWN_WEIGHTS = True  # ImageNet MODEL.WEIGHTS of the detector leave its trunk alone
 
     def __init__(
         self, *, deepmask: DeepMask, pixel_mean: Sequence[float], pixel_std: Sequence[float]
