@@ -1,4 +1,5 @@
-"""Tests of detframe.data.samplers and detframe.data.build: order, sharding, resume, batching."""
+"""Tests of detframe.data.samplers and detframe.data.build: order, sharding, resume, batching,
+weighted draws and per-step conditions."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from detframe.data.build import (
     build_train_loader,
     build_train_loader_from_config,
 )
+from detframe.data.coco import DatasetError
 from detframe.data.samplers import (
     AspectRatioGroupedBatcher,
     Batcher,
@@ -271,3 +273,181 @@ def test_train_loader_leaves_the_process_rngs_alone() -> None:
     torch.manual_seed(11)
     take(build_train_loader(make_dataset(8), random_mapper, 2, 0, 1, False), 3)
     assert (np.random.rand(), torch.rand(1).item()) == before
+
+
+# Weighted sampling: dataset index -> weight; 0s are never drawn.
+WEIGHTS = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 10.0])
+
+
+def test_weighted_draws_follow_the_weights() -> None:
+    draws = take(TrainingSampler(len(WEIGHTS), seed=5, weights=WEIGHTS), 20_000)
+    counts = np.bincount(draws, minlength=len(WEIGHTS))
+    assert counts[WEIGHTS == 0].sum() == 0
+    drawn = WEIGHTS > 0
+    expected = WEIGHTS[drawn] / WEIGHTS.sum() * len(draws)
+    chi_square = ((counts[drawn] - expected) ** 2 / expected).sum()
+    assert chi_square < 18.47  # the 0.999 quantile of chi-square with 4 degrees of freedom
+    # independent draws, not a permutation: an epoch repeats indices
+    assert len(set(draws[: len(WEIGHTS)])) < len(WEIGHTS)
+    # the same sharding as without weights: the ranks interleave to one process's stream
+    ranks = [
+        take(TrainingSampler(len(WEIGHTS), seed=5, rank=r, world_size=2, weights=WEIGHTS), 50)
+        for r in range(2)
+    ]
+    assert [i for pair in zip(*ranks, strict=True) for i in pair] == draws[:100]
+
+
+@pytest.mark.parametrize("start", [0, 3, 7, 20])
+def test_weighted_sampler_resumes_the_same_stream(start: int) -> None:
+    full = take(TrainingSampler(7, seed=2, rank=1, world_size=2, weights=WEIGHTS), 40)
+    resumed = TrainingSampler(7, seed=2, rank=1, world_size=2, start=start, weights=WEIGHTS)
+    assert take(resumed, 40 - start) == full[start:]
+    assert full != take(TrainingSampler(7, seed=3, rank=1, world_size=2, weights=WEIGHTS), 40)
+
+
+def test_weights_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        TrainingSampler(3, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"finite and >= 0.*index 1: -1"):
+        TrainingSampler(3, weights=[1.0, -1.0, 2.0])
+    with pytest.raises(ValueError, match="all 0"):
+        TrainingSampler(3, weights=[0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="shuffle"):
+        TrainingSampler(3, shuffle=False, weights=[1.0, 1.0, 1.0])
+
+
+class WeightingMapper:
+    """`random_mapper` whose `prepare_dataset` weights image i by `weights[i]` and records
+    what it was given."""
+
+    def __init__(self, weights: np.ndarray | None) -> None:
+        self.weights = weights
+        self.prepared: list[tuple[list[int], str]] = []
+
+    def prepare_dataset(self, dataset: list[dict[str, Any]], source: str) -> np.ndarray | None:
+        self.prepared.append(([r["image_id"] for r in dataset], source))
+        return self.weights
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        return random_mapper(record)
+
+
+def test_train_loader_draws_images_by_the_mappers_weights() -> None:
+    dataset = make_dataset(8)
+    dataset[7]["annotations"] = []  # filtered out before the mapper sees the dataset
+    mapper = WeightingMapper(WEIGHTS)
+    loader = build_train_loader(dataset, mapper, 2, 0, 4, False, source="the data")
+    assert mapper.prepared == [(list(range(7)), "the data")]
+    ids = [s["image_id"] for b in take(loader, 200) for s in b]
+    assert ids == take(TrainingSampler(7, seed=4, weights=WEIGHTS), 400)
+    assert Counter(ids).keys() == {1, 2, 3, 4, 6}
+    # None: the usual permutations, as a mapper without prepare_dataset
+    plain = build_train_loader(make_dataset(7), WeightingMapper(None), 2, 0, 4, False)
+    assert signature(take(plain, 5)) == signature(
+        take(build_train_loader(make_dataset(7), random_mapper, 2, 0, 4, False), 5)
+    )
+
+
+def test_all_zero_weights_name_the_data() -> None:
+    with pytest.raises(
+        DatasetError,
+        match=r"DATASETS.TRAIN \['mine'\]: the sampling weights of WeightingMapper"
+        r"\.prepare_dataset are 0 for all 7 images",
+    ):
+        build_train_loader(
+            make_dataset(7), WeightingMapper(np.zeros(7)), 2, 0, 0, source="DATASETS.TRAIN ['mine']"
+        )
+    with pytest.raises(ValueError, match=r"have shape \(3,\), not \(7,\)"):
+        build_train_loader(make_dataset(7), WeightingMapper(np.ones(3)), 2, 0, 0)
+
+
+def test_weighted_loader_raises_when_every_drawable_image_is_skipped() -> None:
+    """Images of weight 0 are never drawn, so 'every image skipped' counts the others."""
+
+    class Skipping(WeightingMapper):
+        def __call__(self, record: dict[str, Any]) -> None:
+            return None
+
+    loader = build_train_loader(make_dataset(7), Skipping(WEIGHTS), 2, 0, 0, False)
+    with pytest.raises(DatasetError, match="all 5 images were skipped"):
+        take(loader, 1)
+
+
+@pytest.mark.parametrize("stop", [2, 5])
+def test_weighted_loader_resumes_exactly(stop: int) -> None:
+    def build() -> Any:
+        return build_train_loader(make_dataset(7), WeightingMapper(WEIGHTS), 3, 0, 1, True)
+
+    full = signature(take(build(), 10))
+    first = build()
+    iterator = iter(first)
+    assert signature([next(iterator) for _ in range(stop)]) == full[:stop]
+    resumed = build()
+    resumed.load_state_dict(first.state_dict())
+    assert signature(take(resumed, 10 - stop)) == full[stop:]
+
+
+class StepMapper:
+    """A `ConditionsSteps` mapper: each step is "a" or "b" with probability 1/2; image ids
+    divisible by `skip_every` are skipped. The sample records its condition."""
+
+    def __init__(self, skip_every: int = 0) -> None:
+        self.skip_every = skip_every
+
+    def step_condition(self, rng: np.random.Generator) -> str:
+        return "a" if rng.random() < 0.5 else "b"
+
+    def map_conditioned(self, record: dict[str, Any], condition: str) -> dict[str, Any] | None:
+        if self.skip_every and record["image_id"] % self.skip_every == 0:
+            return None
+        return {**random_mapper(record), "condition": condition}
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError("a conditioned mapper is called through map_conditioned")
+
+
+def conditions(batches: list[list[dict[str, Any]]]) -> list[str]:
+    """The one condition of each batch."""
+    kinds = [{s["condition"] for s in batch} for batch in batches]
+    assert all(len(k) == 1 for k in kinds), kinds
+    return [k.pop() for k in kinds]
+
+
+def test_step_conditions_depend_on_seed_and_step_only() -> None:
+    dataset = make_dataset(12)
+    single = take(build_train_loader(dataset, StepMapper(), 4, 0, 3, False), 40)
+    kinds = conditions(single)
+    # drawn per step from TrainingSampler.step_key: an independent reference
+    sampler = TrainingSampler(12, seed=3)
+    expected = [
+        StepMapper().step_condition(np.random.default_rng(sampler.step_key(s))) for s in range(40)
+    ]
+    assert kinds == expected
+    assert 10 < kinds.count("a") < 30
+    assert kinds != conditions(take(build_train_loader(dataset, StepMapper(), 4, 0, 4, False), 40))
+    # workers, ranks: the same samples and the same condition per step
+    assert signature(take(build_train_loader(dataset, StepMapper(), 4, 2, 3, False), 6)) == (
+        signature(single[:6])
+    )
+    for rank in range(2):
+        loader = build_train_loader(dataset, StepMapper(), 4, 0, 3, False, rank=rank, world_size=2)
+        assert conditions(take(loader, 40)) == kinds
+
+
+@pytest.mark.parametrize("stop", [1, 4, 7])
+def test_conditioned_batches_stay_pure_with_skips_and_resume_exactly(stop: int) -> None:
+    # every third image skipped: batches borrow samples of later steps of their condition
+    def build() -> Any:
+        return build_train_loader(make_dataset(13), StepMapper(skip_every=3), 3, 0, 5, True)
+
+    full = take(build(), 12)
+    conditions(full)
+    first = build()
+    iterator = iter(first)
+    assert signature([next(iterator) for _ in range(stop)]) == signature(full[:stop])
+    state = first.state_dict()
+    resumed = build()
+    resumed.load_state_dict(state)
+    rest = take(resumed, 12 - stop)
+    assert signature(rest) == signature(full[stop:])
+    assert conditions(rest) == conditions(full[stop:])

@@ -292,6 +292,71 @@ def test_training_on_patches_uses_positive_masks_only(tmp_path: Path) -> None:
         model([{**p, "image": torch.zeros(3, 80, 80, dtype=torch.uint8)} for p in inputs])
 
 
+def test_losses_of_patches_that_train_one_head_are_divided_by_the_batch() -> None:
+    # A batch of N = 4: the mask term sums the pixel means of the K mask patches, the score
+    # term the S score patches' losses, both divided by N (see the module docstring).
+    mask_logits = torch.tensor([[[1.0, -1.0], [0.0, 2.0]]])
+    mask_labels = torch.tensor([[[1.0, 1.0], [-1.0, 1.0]]])
+    score_logits = torch.tensor([0.5, -2.0])
+    score_labels = torch.tensor([1.0, -1.0])
+    losses = deepmask_losses(
+        mask_logits, mask_labels, score_logits, score_labels, 0.25, batch_size=4
+    )
+    mask = math.log1p(math.exp(-1)) + math.log1p(math.e) + math.log1p(1) + math.log1p(math.exp(-2))
+    assert float(losses["loss_mask"]) == pytest.approx(mask / 4 / 4)
+    score = math.log1p(math.exp(-0.5)) + math.log1p(math.exp(-2))
+    assert float(losses["loss_score"]) == pytest.approx(0.25 * score / 4)
+    no_score = deepmask_losses(
+        mask_logits, mask_labels, score_logits[:0], score_labels[:0], 0.25, 4
+    )
+    assert no_score["loss_score"].item() == 0.0
+
+
+def test_patch_heads_select_the_loss_terms(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tmp_path, ["MODEL.DEEPMASK.DROPOUT=0.0"]))
+    joint = model(patches(2, 2))
+    # "both" is the joint loss, exactly
+    both = model([{**x, "patch_head": "both"} for x in patches(2, 2)])
+    assert all(torch.equal(both[k], joint[k]) for k in joint)
+    # a score batch: the score loss of the joint one, no mask loss
+    score = model([{**x, "patch_head": "score"} for x in patches(2, 2)])
+    assert score["loss_mask"].item() == 0.0
+    assert torch.equal(score["loss_score"], joint["loss_score"])
+    # a mask batch of the same 4 patches: the 2 positives' masks, divided by 4; no score loss
+    mask = model([{**x, "patch_head": "mask"} for x in patches(2, 2)])
+    assert mask["loss_score"].item() == 0.0
+    torch.testing.assert_close(mask["loss_mask"], joint["loss_mask"], rtol=1e-6, atol=0)
+    # mixed: patch 0 trains the mask, patch 1 (positive) and 2 the score, patch 3 both
+    inputs = patches(2, 2)
+    for x, head in zip(inputs, ["mask", "score", "score", "both"], strict=True):
+        x["patch_head"] = head
+    mixed = model(inputs)
+    embeddings, scores = model.patch_outputs(model.preprocess_image(inputs).tensor)
+    mask_logits = model.head.mask_logits(embeddings[:1])
+    upsampled = F.interpolate(mask_logits[:, None], size=(12, 12), mode="bilinear")[:, 0]
+    expected_mask = F.soft_margin_loss(upsampled, inputs[0]["patch_mask"][None]) / 4
+    labels = torch.stack([x["patch_score"] for x in inputs])
+    expected_score = F.soft_margin_loss(scores[1:], labels[1:], reduction="sum") / 4 / 32
+    torch.testing.assert_close(mixed["loss_mask"], expected_mask)
+    torch.testing.assert_close(mixed["loss_score"], expected_score)
+    with pytest.raises(ValueError, match=r"'patch_head' must be one of .*got \['masks'\]"):
+        model([{**x, "patch_head": "masks"} for x in patches(1, 0)])
+
+
+def test_a_mask_batch_trains_trunk_and_mask_branch_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_config(tmp_path, ["MODEL.DEEPMASK.DROPOUT=0.0"]))
+    for head, trained, idle in (("mask", "mask_pred", "score."), ("score", "score.", "mask_pred")):
+        model.zero_grad(set_to_none=True)
+        sum(model([{**x, "patch_head": head} for x in patches(2, 2)]).values()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads.values())  # every parameter in the graph
+        assert all(g.abs().sum() == 0 for n, g in grads.items() if idle in n), head
+        assert all(g.abs().sum() > 0 for n, g in grads.items() if trained in n), head
+        assert grads["backbone.conv1.weight"].abs().sum() > 0
+
+
 def test_output_is_accepted_by_proposal_evaluator(tmp_path: Path) -> None:
     model = marker_model(1.0, MarkerHead((3, 4)))
     # The marker's mask at scale 1 covers x 48..80, y 32..64 of a 128 x 160 image.

@@ -9,6 +9,7 @@ endless loop without a valid annotation) each by a test.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
+from detframe.data.build import build_train_loader
 from detframe.data.catalog import register_from_config
 from detframe.data.coco import DatasetError, load_coco_json
 from detframe.data.deepmask_sampling import (
@@ -25,6 +27,7 @@ from detframe.data.deepmask_sampling import (
     Patch,
     PatchGeometry,
     category_balance,
+    invalid_reason,
 )
 from detframe.data.mapper import DatasetMapper
 from detframe.engine.setup import load_config
@@ -33,6 +36,11 @@ from detframe.registry import MAPPER_REGISTRY, build
 P, W, OBJ, L = 192, 160, 92, 112  # the release's sizes, the defaults
 SHIFT, JITTER = 16.0, 0.25
 NEG_SHIFT, NEG_SCALE = 32.0, 1.0
+
+
+def take(iterable: object, n: int) -> list:
+    """The first n items of an iterable."""
+    return list(itertools.islice(iter(iterable), n))
 
 
 def _rect(x0: float, y0: float, x1: float, y1: float) -> list[float]:
@@ -179,9 +187,11 @@ def test_category_balance_over_the_datasets_own_categories() -> None:
             counts[category] = counts.get(category, 0) + 1
         return {category: n / draws for category, n in counts.items()}
 
-    balanced = shares(
-        DeepMaskPatchMapper(True, category_weights=balance.category_weights), balance.image_weights
-    )
+    mapper = DeepMaskPatchMapper(True, category_balance=True)
+    image_weights = mapper.prepare_dataset(records)
+    assert mapper.category_weights == balance.category_weights
+    np.testing.assert_array_equal(image_weights, balance.image_weights)
+    balanced = shares(mapper, image_weights)
     assert set(balanced) == {3, 7, 11}
     assert all(abs(share - 1 / 3) < 0.04 for share in balanced.values())
     # The same draws with neither weighting follow the instance counts instead.
@@ -402,6 +412,8 @@ def test_from_config_training_patches_and_evaluation_images(tmp_path: Path) -> N
     records = load_coco_json(json_file, tmp_path)
     train = build(MAPPER_REGISTRY, cfg.DATALOADER.MAPPER, cfg, True)
     assert train.geometry == PatchGeometry(P, W, OBJ, L)
+    assert train.category_balance and not train.alternate_batches
+    np.testing.assert_allclose(train.prepare_dataset(records), [1 / 3] * 3)
     assert train.category_weights == {0: 1 / 3}
     out = train(records[0], np.random.default_rng(0))
     assert out["image"].shape == (3, P, P) and out["patch_mask"].shape == (L, L)
@@ -418,3 +430,89 @@ def test_from_config_training_patches_and_evaluation_images(tmp_path: Path) -> N
     got = evaluation(records[2])
     assert set(got) == set(expected) and torch.equal(got["image"], expected["image"])
     assert (got["height"], got["width"], got["image_id"]) == (160, 240, expected["image_id"])
+
+
+class _Chosen(DeepMaskPatchMapper):
+    """Returns the image and annotation a positive patch centres, without rendering it."""
+
+    def patch(self, dataset_dict: dict, rng: np.random.Generator, positive: bool) -> dict:
+        placed = self.sample_positive(dataset_dict, rng)
+        return {"image_id": dataset_dict["image_id"], "annotation": placed.annotation}
+
+
+def test_the_training_loader_draws_a_category_uniformly_then_an_instance() -> None:
+    """The release's choice (DataSampler.lua maskSampling), through the training loader:
+    the mapper's image weights and its in-image choice together."""
+    records = [r | {"image_id": i} for i, r in enumerate(_balanced_dataset())]
+    # no valid annotation (too small, not a crowd, so not filtered): must never be drawn
+    records.append(_record([_ann((0, 0, 4, 4), 7)]) | {"image_id": len(records)})
+    mapper = _Chosen(True, positive_fraction=1.0, category_balance=True)
+    loader = build_train_loader(records, mapper, 30, 0, 3, aspect_ratio_grouping=False)
+    draws = [(s["image_id"], s["annotation"]) for batch in take(loader, 150) for s in batch]
+    assert len(draws) == 4500 and all(i != len(records) - 1 for i, _ in draws)
+    counts: dict[tuple[int, int], int] = {}
+    for draw in draws:
+        counts[draw] = counts.get(draw, 0) + 1
+    # every valid instance: probability 1 / (3 categories x its category's instances)
+    instances = {
+        (i, a): ann["category_id"]
+        for i, r in enumerate(records)
+        for a, ann in enumerate(r["annotations"])
+        if invalid_reason(ann, r["height"], r["width"], 100, 5) is None
+    }
+    assert set(counts) == set(instances)
+    per_category = {c: list(instances.values()).count(c) for c in (3, 7, 11)}
+    assert per_category == {3: 4, 7: 40, 11: 1}
+    expected = {k: len(draws) / 3 / per_category[c] for k, c in instances.items()}
+    chi_square = sum((counts[k] - e) ** 2 / e for k, e in expected.items())
+    assert chi_square < 79.0  # the 0.999 quantile of chi-square with 44 degrees of freedom
+
+
+def test_without_category_balance_every_image_with_a_valid_object_weighs_one() -> None:
+    records = [*_balanced_dataset(), _record([_ann((0, 0, 4, 4))])]
+    mapper = DeepMaskPatchMapper(True)
+    np.testing.assert_array_equal(mapper.prepare_dataset(records), [1.0] * 25 + [0.0])
+    assert mapper.category_weights is None
+    assert DeepMaskPatchMapper(False).prepare_dataset(records) is None  # evaluation
+    with pytest.raises(RuntimeError, match="call prepare_dataset"):
+        DeepMaskPatchMapper(True, category_balance=True).sample_positive(
+            records[0], np.random.default_rng(0)
+        )
+    with pytest.raises(DatasetError, match=r"DATASETS.TRAIN \['mine'\]: no annotation"):
+        mapper.prepare_dataset(records[-1:], "DATASETS.TRAIN ['mine']")
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+def test_alternating_batches_are_all_mask_or_all_score(tmp_path: Path, fraction: float) -> None:
+    records = _write_images(tmp_path)
+    mapper = DeepMaskPatchMapper(True, alternate_batches=True, score_batch_fraction=fraction)
+    loader = build_train_loader(records, mapper, 4, 0, 1, aspect_ratio_grouping=False)
+    batches = take(loader, 40)
+    heads = []
+    for batch in batches:
+        kinds = {s["patch_head"] for s in batch}
+        assert len(kinds) == 1
+        heads.append(kinds.pop())
+        if heads[-1] == "mask":
+            assert all(s["patch_score"].item() == 1.0 for s in batch)
+    scores = [
+        s["patch_score"].item()
+        for b, h in zip(batches, heads, strict=True)
+        if h == "score"
+        for s in b
+    ]
+    if fraction == 0.0:
+        assert set(heads) == {"mask"}
+    else:
+        assert 10 <= heads.count("score") <= 30
+        assert 0.3 < np.mean(np.array(scores) > 0) < 0.7  # 1:1
+    # the same stream again, e.g. after a restart
+    again = take(build_train_loader(records, mapper, 4, 0, 1, aspect_ratio_grouping=False), 40)
+    assert [b[0]["patch_head"] for b in again] == heads
+    assert all(
+        torch.equal(a["image"], b["image"])
+        for x, y in zip(batches, again, strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
+    # joint mode (the default): no step condition, no "patch_head"
+    assert DeepMaskPatchMapper(True).step_condition(np.random.default_rng(0)) is None

@@ -1,6 +1,8 @@
 """Datasets, loading and transforms."""
 
 from .build import (
+    ConditionsSteps,
+    PreparesDataset,
     TrainLoader,
     build_test_loader,
     build_train_loader,
@@ -40,12 +42,14 @@ __all__ = [
     "SHAPE_KINDS",
     "AspectRatioGroupedBatcher",
     "Batcher",
+    "ConditionsSteps",
     "DatasetCatalog",
     "DatasetEntry",
     "DatasetError",
     "DatasetMapper",
     "DeepMaskPatchMapper",
     "InferenceSampler",
+    "PreparesDataset",
     "RandomFlip",
     "RenderedImage",
     "ResizeShortestEdge",

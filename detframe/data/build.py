@@ -11,6 +11,29 @@
 - `build_train_loader_from_config(cfg, dataset, mapper)`: the one place that reads the
   config keys declared below.
 
+Optional parts of a training mapper, which the training loader uses when it has them (so
+that a model's sampling needs no sampler or loader of its own):
+
+- `PreparesDataset`: `prepare_dataset(dataset, source)` is called once with the dicts the
+  loader samples from (after filtering), before any is mapped. The mapper may keep what it
+  needs of the whole dataset (DeepMaskPatchMapper: its category counts) and returns
+  per-image sampling weights `[len(dataset)]`, or None for the usual shuffled epochs. With
+  weights, every image is drawn independently with probability `w_i / sum(w)`
+  (`TrainingSampler`'s weighted draws: exact, where detectron2's
+  RepeatFactorTrainingSampler rounds repeat factors stochastically per epoch); an image of
+  weight 0 is never drawn, and all weights 0 is a `DatasetError` naming the data.
+- `ConditionsSteps`: a choice made once per training step and shared by all its samples
+  (DeepMask's release alternates batches that train only the mask head or only the score
+  head). `step_condition(rng)` draws the condition of step s with a Generator seeded from
+  `TrainingSampler.step_key(s)` (SEED and s only: the same on every rank, with any number of
+  workers, and after resuming), or returns None for plain `mapper(dataset_dict)` calls; the
+  samples of step s, this rank's positions `[s * b, (s + 1) * b)` for b images per rank and
+  step, are mapped by `map_conditioned(dataset_dict, condition)`. The batcher never puts
+  samples of two conditions in one batch, so a batch has one condition even when a skipped
+  sample moves the batch boundaries (the batch is then completed by a later step of the same
+  condition, and ranks may train different conditions in that iteration; without skips each
+  batch is exactly one step's samples).
+
 Skipped samples: a mapper returns `None` for a sample it skips (DatasetMapper does so for a
 missing, corrupt or wrongly sized image under DATALOADER.ON_BAD_DATA=skip) and may count its
 skips by kind in a `skipped: Counter[str]` attribute, as DatasetMapper does. Both loaders
@@ -45,9 +68,9 @@ import pickle
 import random
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -66,7 +89,9 @@ from .samplers import (
 )
 
 __all__ = [
+    "ConditionsSteps",
     "DataLoaderWorkerError",
+    "PreparesDataset",
     "SkipCounter",
     "TestLoader",
     "TrainLoader",
@@ -96,6 +121,30 @@ Mapper = Callable[[dict[str, Any]], dict[str, Any] | None]
 _Mapped = tuple[dict[str, Any] | None, str | None]
 
 _UNKNOWN_KIND = "rejected by the mapper"
+
+
+@runtime_checkable
+class PreparesDataset(Protocol):
+    """A training mapper that sees the whole dataset first (see the module docstring)."""
+
+    def prepare_dataset(self, dataset: Sequence[dict[str, Any]], source: str) -> np.ndarray | None:
+        """Keeps what the mapper needs of `dataset`; returns its images' sampling weights
+        [len(dataset)], >= 0, or None for uniform shuffling. `source` names the data in
+        messages."""
+
+
+@runtime_checkable
+class ConditionsSteps(Protocol):
+    """A training mapper whose samples depend on a choice made once per training step (see
+    the module docstring)."""
+
+    def step_condition(self, rng: np.random.Generator) -> Hashable | None:
+        """The condition of one step, drawn with `rng` only; None: map plainly."""
+
+    def map_conditioned(
+        self, dataset_dict: dict[str, Any], condition: Hashable
+    ) -> dict[str, Any] | None:
+        """`dataset_dict` mapped under `condition`, as `__call__` maps it otherwise."""
 
 
 class DataLoaderWorkerError(RuntimeError):
@@ -148,13 +197,23 @@ def _describe(dataset: Sequence[dict[str, Any]], index: int, what: str) -> str:
     return f"{what} (dataset index {index}, file {dataset[index].get('file_name', '?')})"
 
 
-def _map(mapper: Mapper, dataset: Sequence[dict[str, Any]], index: int, what: str) -> Any:
-    """`mapper(dataset[index])` as `_Mapped`; in a DataLoader worker an exception becomes a
-    `_Failure`, in the main process it is raised with a note naming the sample."""
+def _map(
+    mapper: Mapper,
+    dataset: Sequence[dict[str, Any]],
+    index: int,
+    what: str,
+    condition: Hashable | None = None,
+) -> Any:
+    """`mapper(dataset[index])`, or `mapper.map_conditioned(dataset[index], condition)`, as
+    `_Mapped`; in a DataLoader worker an exception becomes a `_Failure`, in the main process
+    it is raised with a note naming the sample."""
     counts = getattr(mapper, "skipped", None)
     before = Counter(counts) if isinstance(counts, Counter) else None
     try:
-        mapped = mapper(dataset[index])
+        if condition is None:
+            mapped = mapper(dataset[index])
+        else:
+            mapped = mapper.map_conditioned(dataset[index], condition)
     except Exception as error:
         worker = get_worker_info()
         if worker is None:
@@ -238,29 +297,57 @@ class _PositionedSampler(Sampler[tuple[int, int, int]]):
         return self.sampler.stream()
 
 
+class _StepConditions:
+    """position -> the condition of its training step (`ConditionsSteps`), drawn from
+    `sampler.step_key(position // batch_size)`; the same in every process."""
+
+    def __init__(self, mapper: ConditionsSteps, sampler: TrainingSampler, batch_size: int) -> None:
+        self.mapper = mapper
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self._step: int | None = None
+        self._condition: Hashable | None = None
+
+    def __call__(self, position: int) -> Hashable | None:
+        step = position // self.batch_size
+        if step != self._step:
+            rng = np.random.default_rng(self.sampler.step_key(step))
+            self._step, self._condition = step, self.mapper.step_condition(rng)
+        return self._condition
+
+
 class _TrainingSamples(Dataset):
     """(position, index, key) -> (position, index, `_map` of dataset[index] under
-    `_seeded_rngs(key)`)."""
+    `_seeded_rngs(key)`, and under its step's condition when `conditions` is given)."""
 
-    def __init__(self, dataset: Sequence[dict[str, Any]], mapper: Mapper) -> None:
+    def __init__(
+        self,
+        dataset: Sequence[dict[str, Any]],
+        mapper: Mapper,
+        conditions: _StepConditions | None = None,
+    ) -> None:
         self.dataset = dataset
         self.mapper = mapper
+        self.conditions = conditions
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, item: tuple[int, int, int]) -> tuple[int, int, Any]:
         position, index, key = item
+        condition = None if self.conditions is None else self.conditions(position)
         with _seeded_rngs(key):
-            mapped = _map(self.mapper, self.dataset, index, f"training sample {position}")
+            mapped = _map(
+                self.mapper, self.dataset, index, f"training sample {position}", condition
+            )
         return position, index, mapped
 
 
 class _CountedSamples:
     """The (position, sample or None) pairs a Batcher groups, from the DataLoader's
     (position, index, `_Mapped` or `_Failure`) items: raises failures, counts skips, logs a
-    summary after every pass with skips, and raises when a whole dataset's worth of distinct
-    samples was skipped with none kept."""
+    summary after every pass with skips, and raises when every one of the `drawable` distinct
+    images (those of weight > 0) was skipped with none kept."""
 
     def __init__(
         self,
@@ -268,10 +355,12 @@ class _CountedSamples:
         dataset: Sequence[dict[str, Any]],
         pass_length: int,
         source: str,
+        drawable: int,
     ) -> None:
         self.loader = loader
         self.dataset = dataset
         self.pass_length = pass_length
+        self.drawable = drawable
         self.skips = SkipCounter(source)
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
@@ -285,10 +374,10 @@ class _CountedSamples:
                 self.skips.add(kind, self.dataset[index].get("file_name", "?"))
                 in_pass[kind] += 1
                 unusable.add(index)
-                if len(unusable) == len(self.dataset):
+                if len(unusable) == self.drawable:
                     raise DatasetError(
                         f"{self.skips.source}: no training sample can be used: all "
-                        f"{len(self.dataset)} images were skipped ({self.skips.total} skips: "
+                        f"{self.drawable} images were skipped ({self.skips.total} skips: "
                         f"{SkipCounter.format(self.skips.by_kind)}); fix or remove the files "
                         "named in the warnings above"
                     )
@@ -377,7 +466,8 @@ def build_train_loader(
 
     Args:
         dataset: dataset dicts (see `detframe.data.coco`).
-        mapper: dataset dict -> mapped dict, or `None` to skip the sample.
+        mapper: dataset dict -> mapped dict, or `None` to skip the sample; its optional
+            `PreparesDataset` and `ConditionsSteps` parts are used (see the module docstring).
         total_batch_size: images per iteration summed over all ranks.
         num_workers: DataLoader worker processes; 0 maps in this process.
         seed: seed of the index order and of the workers' RNGs; the same on every rank.
@@ -393,6 +483,8 @@ def build_train_loader(
 
     Raises:
         ValueError: `total_batch_size` not divisible by the world size, or no data left.
+        DatasetError: the mapper's `prepare_dataset` gives every image weight 0 (or raises
+            it, e.g. DeepMaskPatchMapper when no annotation can be a positive).
     """
     rank, world_size = resolve_rank(rank, world_size)
     if total_batch_size % world_size != 0:
@@ -410,20 +502,67 @@ def build_train_loader(
         dataset = kept
     if not dataset:
         raise ValueError(f"{source} is empty (after filtering images without annotations)")
+    weights = _image_weights(mapper, dataset, source)
     sampler = TrainingSampler(
-        len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, start=start
+        len(dataset),
+        shuffle=True,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        start=start,
+        weights=weights,
+    )
+    batch_size = total_batch_size // world_size
+    conditions = (
+        _StepConditions(mapper, sampler, batch_size)
+        if isinstance(mapper, ConditionsSteps)
+        else None
     )
     loader = DataLoader(
-        _TrainingSamples(dataset, mapper),
+        _TrainingSamples(dataset, mapper, conditions),
         sampler=_PositionedSampler(sampler),
         batch_size=None,
         collate_fn=_identity,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
-    samples = _CountedSamples(loader, dataset, math.ceil(len(dataset) / world_size), source)
+    drawable = len(dataset) if weights is None else int(np.count_nonzero(weights))
+    pass_length = math.ceil(len(dataset) / world_size)
+    samples = _CountedSamples(loader, dataset, pass_length, source, drawable)
     batcher = AspectRatioGroupedBatcher if aspect_ratio_grouping else Batcher
-    return TrainLoader(sampler, batcher(samples, total_batch_size // world_size), samples.skips)
+    return TrainLoader(sampler, batcher(samples, batch_size, conditions), samples.skips)
+
+
+def _image_weights(
+    mapper: Mapper, dataset: Sequence[dict[str, Any]], source: str
+) -> np.ndarray | None:
+    """The mapper's `prepare_dataset` weights of `dataset` (None without that part).
+
+    Raises:
+        DatasetError: they are all 0.
+        ValueError: they are not [len(dataset)] finite values >= 0.
+    """
+    if not isinstance(mapper, PreparesDataset):
+        return None
+    weights = mapper.prepare_dataset(dataset, source)
+    if weights is None:
+        return None
+    what = f"{source}: the sampling weights of {type(mapper).__name__}.prepare_dataset"
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (len(dataset),):
+        raise ValueError(f"{what} have shape {weights.shape}, not ({len(dataset)},)")
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(f"{what} must be finite and >= 0")
+    zero = len(dataset) - int(np.count_nonzero(weights))
+    if zero == len(dataset):
+        raise DatasetError(
+            f"{what} are 0 for all {len(dataset)} images: no training image can be drawn"
+        )
+    if zero:
+        logger.info(
+            "%s: %d of %d images have weight 0 and are never drawn", source, zero, len(dataset)
+        )
+    return weights
 
 
 def build_train_loader_from_config(

@@ -6,7 +6,9 @@ object's mask over the patch's central window. A *negative* patch is off every o
 position or in scale; its labels are score -1 and an all -1 mask (which the model's mask loss
 ignores). `DeepMaskPatchMapper` (in MAPPER_REGISTRY, chosen by DATALOADER.MAPPER) draws one
 patch per dataset dict in training, and at evaluation maps full images as `DatasetMapper` does,
-since DeepMask is evaluated on whole images.
+since DeepMask is evaluated on whole images. The training loader (`detframe.data.build`)
+first gives it the dataset (`prepare_dataset`: category counts and image weights) and, with
+alternating batches, a head per training step (`step_condition`, `map_conditioned`).
 
 Shapes and frames::
 
@@ -24,7 +26,8 @@ Training output (the interface of the DeepMask model)::
     {"image": uint8 Tensor[3, P, P] in INPUT.FORMAT order, "height": P, "width": P,
      "patch_score": float32 Tensor[] (+1 positive, -1 negative),
      "patch_mask": float32 Tensor[L, L] (+1 on the centred object, -1 elsewhere, including
-                   other objects; all -1 for a negative)}
+                   other objects; all -1 for a negative),
+     "patch_head": "mask" | "score" (alternating batches only: the head the patch trains)}
 
 Sampling (sizes in patch pixels; sources: the release is facebookresearch/deepmask, its
 `DataSampler.lua` and the options of `train.lua`):
@@ -35,10 +38,15 @@ Sampling (sizes in patch pixels; sources: the release is facebookresearch/deepma
   mask area >= MIN_AREA (100) and box sides >= MIN_SIDE (5) image pixels, the release's
   `maskSampling` test. Among the image's valid annotations one is drawn with probability
   proportional to its category's weight: 1 / (valid annotations of the category in the
-  dataset) with CATEGORY_BALANCE, else uniformly. Drawing images in proportion to
-  `CategoryBalance.image_weights` then gives the release's choice, a category uniformly and
-  one of its instances uniformly, over the dataset's own categories (the release hard-codes
-  COCO's 80). The scale makes the object's larger box side O * 2^u with u uniform in
+  dataset) with CATEGORY_BALANCE, else uniformly. The training loader draws the images in
+  proportion to the weights `prepare_dataset` returns: with CATEGORY_BALANCE
+  `CategoryBalance.image_weights`, which gives the release's choice, a category uniformly
+  and one of its instances uniformly, over the dataset's own categories (the release
+  hard-codes COCO's 80); else 1 for every image with a valid annotation. Either way an
+  image without one is never drawn (the release would loop forever on a dataset without
+  any: here `category_balance` raises). Negatives come from the same images (the release's
+  score sampler draws its images uniformly). The scale makes the object's larger box side
+  O * 2^u with u uniform in
   +-SCALE_JITTER octaves (0.25: the release's `-scale`, the paper's 2^(+-1/4)); the centre is
   the box centre moved by a uniform +-SHIFT on each axis (16: the release's `-shift`, the
   paper's +-16 px). The label is the object's mask, rasterised directly on the L x L grid
@@ -54,17 +62,24 @@ Sampling (sizes in patch pixels; sources: the release is facebookresearch/deepma
   scales, and after 100 failed draws keeps the last one, which may be a false negative.
   Here after `MAX_NEGATIVE_DRAWS` failures the patch zooms out until the largest object is
   NEGATIVE_SCALE octaves below O, which is a negative by the scale margin.
-- Positives for the score and for the mask are drawn alike. The release's score positives
-  are not jittered (an object's size is quantised to (1, 2^(1/4)] x O and its centre exact),
-  and its batches are all mask samples or all score samples (see `patch` for that seam).
+- Batches: by default every patch is positive with probability POSITIVE_FRACTION and
+  trains both heads (the paper's joint loss). With ALTERNATE_BATCHES (the release's
+  TrainerDeepMask.lua), each training step is, with probability SCORE_BATCH_FRACTION (the
+  release's `-hfreq` 0.5), a score batch (positives with probability POSITIVE_FRACTION,
+  "patch_head" "score") and otherwise a mask batch (positives only, "patch_head" "mask");
+  the step's kind is drawn from SEED and the step (`step_condition`), and the model trains
+  only that head on it (`detframe.modeling.deepmask.deepmask_losses`). Positives for the
+  score and for the mask are drawn alike; the release's score positives are not jittered
+  (an object's size is quantised to (1, 2^(1/4)] x O and its centre exact).
 - The image is resampled bilinearly (as the release's `image.scale`); outside the image the
   patch is INPUT.DEEPMASK.PAD_VALUE (128: the release fills with 0.5 of its 0..1 range).
 - Flip (INPUT.RANDOM_FLIP, the release's horizontal flip with probability 0.5) mirrors the
   image and the mask label together.
 
-Randomness comes from the `rng` given to `__call__`, or the mapper's own Generator, or one
-seeded from numpy's global state, which the training loader seeds per sample (the convention
-of `DatasetMapper`): the same sample gives the same patch whatever the workers or resumption.
+Randomness comes from the `rng` given to `__call__` (or `map_conditioned`), or the mapper's
+own Generator, or one seeded from numpy's global state, which the training loader seeds per
+sample (the convention of `DatasetMapper`): the same sample gives the same patch whatever the
+workers or resumption. A step's head comes from the Generator the loader seeds per step.
 """
 
 from __future__ import annotations
@@ -83,7 +98,6 @@ from detframe.config import declare
 from detframe.registry import MAPPER_REGISTRY
 from detframe.structures.coco_format import polygons_to_bitmask, rle_to_bitmask
 
-from .catalog import DATASETS
 from .coco import DatasetError
 from .mapper import DatasetMapper, image_to_tensor
 
@@ -197,8 +211,24 @@ declare(
     "INPUT.DEEPMASK.CATEGORY_BALANCE",
     bool,
     True,
-    "weight a positive's object by 1 / (valid objects of its category in DATASETS.TRAIN), "
-    "as the release samples a category first; false: uniform over the image's objects",
+    "draw a category uniformly, then one of its valid objects (the release), over the "
+    "training data; false: an image with a valid object uniformly, then one of its objects",
+)
+declare(
+    "INPUT.DEEPMASK.ALTERNATE_BATCHES",
+    bool,
+    False,
+    "per training step, a batch of positives training the mask head only, or a 1:1 batch "
+    "training the score head only (the release); false: every batch trains both (the paper)",
+)
+declare(
+    "INPUT.DEEPMASK.SCORE_BATCH_FRACTION",
+    float,
+    0.5,
+    "with ALTERNATE_BATCHES: probability that a step is a score batch (release -hfreq: 0.5; "
+    "0 trains the mask head only, as the release's SharpMask refinement)",
+    min=0,
+    max=1,
 )
 
 # Draws of a negative before falling back to a zoomed-out one (the release's 100 tries).
@@ -372,8 +402,12 @@ class DeepMaskPatchMapper(DatasetMapper):
         flip: "none", "horizontal" or "vertical": mirror with probability 0.5.
         pad_value: patch value outside the image, 0..255.
         min_area, min_side: what a positive's object needs (see `invalid_reason`).
-        category_weights: category id -> weight of a positive's object (see
-            `category_balance`); None draws uniformly among the image's valid objects.
+        category_balance: weight a positive's object by its category's weight in the
+            dataset given to `prepare_dataset` (which must come first); False: uniformly
+            among the image's valid objects.
+        alternate_batches: give the training loader a head per step (see the module
+            docstring); False: every patch trains both heads.
+        score_batch_fraction: with `alternate_batches`, the probability of a score step.
         kwargs: DatasetMapper's arguments (image_format, on_bad and seed serve both modes;
             augmentations, mask_on, ... only evaluation).
     """
@@ -392,7 +426,9 @@ class DeepMaskPatchMapper(DatasetMapper):
         pad_value: int = 128,
         min_area: float = 100.0,
         min_side: float = 5.0,
-        category_weights: Mapping[int, float] | None = None,
+        category_balance: bool = False,
+        alternate_batches: bool = False,
+        score_batch_fraction: float = 0.5,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("augmentations", ())
@@ -404,26 +440,27 @@ class DeepMaskPatchMapper(DatasetMapper):
             )
         if flip not in ("none", "horizontal", "vertical"):
             raise ValueError(f"flip must be 'none', 'horizontal' or 'vertical', got {flip!r}")
-        if not 0.0 <= positive_fraction <= 1.0:
-            raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+        for name, value in (
+            ("positive_fraction", positive_fraction),
+            ("score_batch_fraction", score_batch_fraction),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.geometry = geometry
         self.shift, self.scale_jitter = shift, scale_jitter
         self.negative_shift, self.negative_scale = negative_shift, negative_scale
         self.negative_log2_scales = (float(low), float(high))
         self.positive_fraction, self.flip, self.pad_value = positive_fraction, flip, pad_value
         self.min_area, self.min_side = min_area, min_side
-        self.category_weights = None if category_weights is None else dict(category_weights)
+        self.category_balance = category_balance
+        self.alternate_batches, self.score_batch_fraction = alternate_batches, score_batch_fraction
+        # category id -> weight of a positive's object, from `prepare_dataset`
+        self.category_weights: dict[int, float] | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, is_train: bool) -> dict[str, Any]:
         """Constructor arguments from INPUT.DEEPMASK.*, INPUT.RANDOM_FLIP and, at evaluation,
-        `DatasetMapper.from_config(cfg, False)`. With CATEGORY_BALANCE in training, the
-        category weights are counted over DATASETS.TRAIN, which is loaded from the catalog
-        for that (so it must be registered, as the trainer does first).
-
-        Raises:
-            DatasetError: in training, no annotation of DATASETS.TRAIN is valid.
-        """
+        `DatasetMapper.from_config(cfg, False)`."""
         deepmask = cfg.INPUT.DEEPMASK
         kwargs = DatasetMapper.from_config(cfg, is_train)
         if is_train:
@@ -442,15 +479,56 @@ class DeepMaskPatchMapper(DatasetMapper):
             pad_value=deepmask.PAD_VALUE,
             min_area=deepmask.MIN_AREA,
             min_side=deepmask.MIN_SIDE,
+            category_balance=deepmask.CATEGORY_BALANCE,
+            alternate_batches=deepmask.ALTERNATE_BATCHES,
+            score_batch_fraction=deepmask.SCORE_BATCH_FRACTION,
         )
-        if is_train and deepmask.CATEGORY_BALANCE:
-            names = list(cfg.DATASETS.TRAIN)
-            dicts = [record for name in names for record in DATASETS.get(name)]
-            balance = category_balance(
-                dicts, deepmask.MIN_AREA, deepmask.MIN_SIDE, f"DATASETS.TRAIN {names}"
-            )
-            kwargs["category_weights"] = balance.category_weights
         return kwargs
+
+    def prepare_dataset(
+        self, dataset: Sequence[Mapping[str, Any]], source: str = "the dataset"
+    ) -> np.ndarray | None:
+        """The training images' sampling weights [len(dataset)], and with category balance
+        the category weights of their positives (`category_balance`); None at evaluation.
+
+        A weight is the image's `CategoryBalance.image_weights` with category balance, else
+        1 for an image with a valid annotation; 0 (never drawn) for an image without one.
+
+        Raises:
+            DatasetError: in training, no annotation of `dataset` is valid (naming `source`).
+        """
+        if not self.is_train:
+            return None
+        balance = category_balance(dataset, self.min_area, self.min_side, source)
+        if self.category_balance:
+            self.category_weights = balance.category_weights
+            return balance.image_weights
+        return (balance.image_weights > 0).astype(np.float64)
+
+    def step_condition(self, rng: np.random.Generator) -> Literal["mask", "score"] | None:
+        """The head a training step trains with alternating batches, drawn with `rng`:
+        "score" with probability `score_batch_fraction`, else "mask"; None otherwise."""
+        if not (self.is_train and self.alternate_batches):
+            return None
+        return "score" if rng.random() < self.score_batch_fraction else "mask"
+
+    def map_conditioned(
+        self,
+        dataset_dict: dict[str, Any],
+        condition: Literal["mask", "score"],
+        rng: np.random.Generator | None = None,
+    ) -> dict[str, Any] | None:
+        """A training patch of a step that trains head `condition`: a positive for "mask",
+        positive with probability `positive_fraction` for "score"; with "patch_head":
+        `condition`. `rng`, returns and raises as `__call__`."""
+        if condition not in ("mask", "score"):
+            raise ValueError(f"condition must be 'mask' or 'score', got {condition!r}")
+        rng = self._rng(rng)
+        positive = condition == "mask" or bool(rng.random() < self.positive_fraction)
+        mapped = self.patch(dataset_dict, rng, positive)
+        if mapped is not None:
+            mapped["patch_head"] = condition
+        return mapped
 
     def __call__(
         self, dataset_dict: dict[str, Any], rng: np.random.Generator | None = None
@@ -473,20 +551,20 @@ class DeepMaskPatchMapper(DatasetMapper):
         """
         if not self.is_train:
             return super().__call__(dataset_dict, rng)
-        if rng is None:
-            rng = (
-                self.rng
-                if self.rng is not None
-                else np.random.default_rng(np.random.randint(2**31))
-            )
+        rng = self._rng(rng)
         return self.patch(dataset_dict, rng, bool(rng.random() < self.positive_fraction))
+
+    def _rng(self, rng: np.random.Generator | None) -> np.random.Generator:
+        """`rng`, else the mapper's own Generator, else one seeded from numpy's global RNG."""
+        if rng is not None:
+            return rng
+        return self.rng if self.rng is not None else np.random.default_rng(np.random.randint(2**31))
 
     def patch(
         self, dataset_dict: dict[str, Any], rng: np.random.Generator, positive: bool
     ) -> dict[str, Any] | None:
-        """A positive or a negative training patch of `dataset_dict`, drawn with `rng`: the
-        seam for a loader that decides per batch (the release's all-mask batches of
-        positives and all-score batches). Returns and raises as `__call__`."""
+        """A positive or a negative training patch of `dataset_dict`, drawn with `rng`.
+        Returns and raises as `__call__`."""
         annotations = dataset_dict.get("annotations", [])
         if positive:
             placed = self.sample_positive(dataset_dict, rng)
@@ -512,7 +590,8 @@ class DeepMaskPatchMapper(DatasetMapper):
 
         Raises:
             DatasetError: with on_bad="error", no valid annotation; the message names the
-                file and each annotation's reason.
+                file and each annotation's reason. Also a category without a weight.
+            RuntimeError: category balance before `prepare_dataset`.
         """
         height, width = dataset_dict["height"], dataset_dict["width"]
         annotations = dataset_dict.get("annotations", [])
@@ -529,8 +608,14 @@ class DeepMaskPatchMapper(DatasetMapper):
                 f"positive (annotations by reason: {found or 'none'}); drop such images from "
                 "the training data or set DATALOADER.ON_BAD_DATA=skip",
             )
-        if self.category_weights is None:
+        if not self.category_balance:
             weights = np.ones(len(valid))
+        elif self.category_weights is None:
+            raise RuntimeError(
+                "DeepMaskPatchMapper(category_balance=True) weights a positive's object by "
+                "the category counts of its dataset: call prepare_dataset(dataset) first (the "
+                "training loader does)"
+            )
         else:
             categories = [int(annotations[i]["category_id"]) for i in valid]
             missing = sorted(set(categories) - self.category_weights.keys())

@@ -1,21 +1,27 @@
 """Index samplers for training and inference, and the batchers that group mapped samples.
 
-- `TrainingSampler(size, shuffle, seed, rank, world_size, start)`: an infinite stream of
-  dataset indices for one rank. The *global stream* is the concatenation of one permutation
-  of `range(size)` per epoch, epoch `e` drawn from a `torch.Generator` seeded from
-  `(seed, e)`; rank `r` of `W` takes its elements `r, r + W, r + 2W, ...`. So the ranks
-  together see every index exactly once per epoch, and a step in which each of W ranks takes
-  `b` samples uses the same `W * b` samples as one process taking `W * b`.
+- `TrainingSampler(size, shuffle, seed, rank, world_size, start, weights)`: an infinite
+  stream of dataset indices for one rank. The *global stream* is the concatenation of one
+  block of `size` indices per epoch, epoch `e` drawn from a generator seeded from
+  `(seed, e)`: a permutation of `range(size)`, or with `weights` `size` independent draws,
+  index i with probability `weights[i] / sum(weights)` (an index of weight 0 never comes).
+  Rank `r` of `W` takes its elements `r, r + W, r + 2W, ...`. So the ranks together see
+  every index exactly once per epoch (without weights), and a step in which each of W ranks
+  takes `b` samples uses the same `W * b` samples as one process taking `W * b`.
   `stream()` yields `(position, index, key)`: the position in this rank's stream (what
   resuming counts), the dataset index, and a key (a seed) that depends only on `seed` and the
-  element's place in the global stream, not on the rank or the world size.
+  element's place in the global stream, not on the rank or the world size. `step_key(step)`
+  is a seed for a choice made once per training step: the positions `[step * b, (step + 1)
+  * b)` of every rank, from `seed` and `step` only.
 - `InferenceSampler(size, rank, world_size)`: a finite stream covering every index exactly
   once across ranks, in contiguous shards whose sizes differ by at most one.
 - `Batcher(samples, batch_size)`: groups `(position, sample)` pairs into lists of
   `batch_size` samples, skipping (and counting) `None` samples; `AspectRatioGroupedBatcher`
   keeps landscape (w >= h) and portrait images in separate groups, so a batch is one or the
-  other. Its `state_dict()` records the next position to draw and the positions it holds in
-  unfilled groups, which is what resuming needs to continue exactly.
+  other. With `condition_of` (position -> a step's condition, see `detframe.data.build`),
+  samples of different conditions never share a batch either, even when skipped samples move
+  the batch boundaries. Its `state_dict()` records the next position to draw and the
+  positions it holds in unfilled groups, which is what resuming needs to continue exactly.
 
 `rank` / `world_size` default to `torch.distributed`'s when it is initialised, else 0 / 1.
 Nothing here touches global state.
@@ -23,7 +29,7 @@ Nothing here touches global state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,6 +73,10 @@ class TrainingSampler(Sampler[int]):
     earlier positions to yield again first (the samples a batcher held back when the run
     stopped). A run resumed with `start = n` yields exactly what an uninterrupted run yields
     after its first `n` indices.
+
+    Weighted sampling: with `weights`, each epoch is `size` independent draws with
+    probabilities `weights / weights.sum()` (numpy's `Generator.choice`) instead of a
+    permutation; determinism, sharding and resuming are the same.
     """
 
     def __init__(
@@ -77,6 +87,7 @@ class TrainingSampler(Sampler[int]):
         rank: int | None = None,
         world_size: int | None = None,
         start: int = 0,
+        weights: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         """
         Args:
@@ -85,6 +96,12 @@ class TrainingSampler(Sampler[int]):
             seed: seed of the per-epoch permutations; must be the same on every rank.
             rank, world_size: this process's shard; see the module docstring for defaults.
             start: indices of this rank's stream to skip (see the class docstring).
+            weights: [size] non-negative sampling weights, not all 0 (see the class
+                docstring); None: permutations. Needs `shuffle`.
+
+        Raises:
+            ValueError: `weights` of another length, negative, not finite or all 0, or
+                given with shuffle=False.
         """
         self.rank, self.world_size = resolve_rank(rank, world_size)
         if size < self.world_size:
@@ -94,6 +111,7 @@ class TrainingSampler(Sampler[int]):
         self.size = size
         self.shuffle = shuffle
         self.seed = seed
+        self.probabilities = None if weights is None else _probabilities(weights, size, shuffle)
         self.set_start(start)
 
     def set_start(self, start: int, replay: Sequence[int] = ()) -> None:
@@ -105,9 +123,13 @@ class TrainingSampler(Sampler[int]):
         self.replay = list(replay)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The whole permutation of epoch `epoch` (all ranks), int64 `[size]`."""
+        """The indices of epoch `epoch` (all ranks), int64 `[size]`: a permutation, or the
+        weighted draws."""
         if not self.shuffle:
             return torch.arange(self.size)
+        if self.probabilities is not None:
+            rng = np.random.default_rng(_epoch_seed(self.seed, epoch))
+            return torch.from_numpy(rng.choice(self.size, size=self.size, p=self.probabilities))
         generator = torch.Generator()
         generator.manual_seed(_epoch_seed(self.seed, epoch))
         return torch.randperm(self.size, generator=generator)
@@ -120,6 +142,13 @@ class TrainingSampler(Sampler[int]):
         """A 64-bit seed for the sample at this rank's `position`, from `seed` and its place
         in the global stream only."""
         state = np.random.SeedSequence([self.seed, self._global(position)]).generate_state(2)
+        return int(state[0]) << 32 | int(state[1])
+
+    def step_key(self, step: int) -> int:
+        """A 64-bit seed for training step `step`, from `seed` and `step` only: the same on
+        every rank, and independent of the samples' keys (another SeedSequence spawn key)."""
+        sequence = np.random.SeedSequence([self.seed, step], spawn_key=(1,))
+        state = sequence.generate_state(2)
         return int(state[0]) << 32 | int(state[1])
 
     def stream(self) -> Iterator[tuple[int, int, int]]:
@@ -139,6 +168,25 @@ class TrainingSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return (index for _, index, _ in self.stream())
+
+
+def _probabilities(weights: Sequence[float] | np.ndarray, size: int, shuffle: bool) -> np.ndarray:
+    """TrainingSampler's `weights` checked and normalised to sum to 1, float64 [size]."""
+    if not shuffle:
+        raise ValueError("weights need shuffle=True: weighted draws are random")
+    array = np.asarray(weights, dtype=np.float64)
+    if array.shape != (size,):
+        raise ValueError(f"weights must have shape ({size},), one per sample, got {array.shape}")
+    if not np.isfinite(array).all() or (array < 0).any():
+        bad = np.flatnonzero(~np.isfinite(array) | (array < 0))
+        raise ValueError(
+            f"weights must be finite and >= 0; {bad.size} are not, e.g. index {bad[0]}: "
+            f"{array[bad[0]]}"
+        )
+    total = array.sum()
+    if total <= 0:
+        raise ValueError(f"weights are all 0: no sample of the {size} can be drawn")
+    return array / total
 
 
 class InferenceSampler(Sampler[int]):
@@ -172,26 +220,33 @@ class Batcher(IterableDataset):
 
     Positions number the samples in the order they are drawn (see `TrainingSampler`);
     `None` samples (the mapper rejected them) are skipped and counted in `num_skipped`.
-    Samples are put in groups by `group_of`; a group is yielded as a batch when it is full.
-    This class has one group; subclasses override `group_of`. A partial group left when
-    `samples` ends is dropped (training streams are infinite).
+    Samples are put in groups by `group_of` and, with `condition_of`, by the condition of
+    their position; a group is yielded as a batch when it is full. This class has one group
+    per condition; subclasses override `group_of`. A partial group left when `samples` ends
+    is dropped (training streams are infinite).
     """
 
     def __init__(
-        self, samples: Iterable[tuple[int, dict[str, Any] | None]], batch_size: int
+        self,
+        samples: Iterable[tuple[int, dict[str, Any] | None]],
+        batch_size: int,
+        condition_of: Callable[[int], Hashable] | None = None,
     ) -> None:
         """
         Args:
             samples: the positioned, mapped samples, e.g. a DataLoader with `batch_size=None`.
             batch_size: samples per yielded list; >= 1.
+            condition_of: position -> the condition its sample was mapped under (a function
+                of the position only); None: no conditions.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.samples = samples
         self.batch_size = batch_size
+        self.condition_of = condition_of
         self.num_skipped = 0
         self.next_position = 0
-        self._groups: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+        self._groups: dict[tuple[Hashable, int], list[tuple[int, dict[str, Any]]]] = {}
 
     def group_of(self, sample: dict[str, Any]) -> int:
         """The group a sample belongs to; batches hold samples of one group."""
@@ -210,7 +265,8 @@ class Batcher(IterableDataset):
             if sample is None:
                 self.num_skipped += 1
                 continue
-            group = self._groups.setdefault(self.group_of(sample), [])
+            condition = None if self.condition_of is None else self.condition_of(position)
+            group = self._groups.setdefault((condition, self.group_of(sample)), [])
             group.append((position, sample))
             if len(group) == self.batch_size:
                 batch = [s for _, s in group]
